@@ -1,0 +1,8 @@
+"""Attention operators of lindiff (installed as ``lindiff.kernels``).
+
+Each op lives in its own folder with a plain-PyTorch reference beside its fused kernels.
+"""
+
+from .linear_attention import linear_attention
+
+__all__ = ["linear_attention"]

@@ -1,0 +1,35 @@
+"""Model-family adapters, one file each, registered by family name in :data:`FAMILIES`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..registry import Registry
+from .base import ModelAdapter
+from .unet import UNetAdapter
+
+FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")
+FAMILIES.register(UNetAdapter.name, UNetAdapter)
+
+
+def families() -> list[str]:
+    """Names of the supported model families, sorted."""
+    return FAMILIES.names()
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of the family ``model`` belongs to.
+
+    Raises:
+        TypeError: if no registered family handles ``type(model)``.
+    """
+    for name in FAMILIES:
+        adapter_cls = FAMILIES.get(name)
+        if adapter_cls.handles(model):
+            return adapter_cls()
+    raise TypeError(
+        f"{type(model).__name__} is not a supported denoiser; supported families: {', '.join(families())}"
+    )
+
+
+__all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "families"]

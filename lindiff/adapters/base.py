@@ -1,0 +1,57 @@
+"""What a model-family adapter knows: its self-attention layers and the token grid of a call."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..attention.base import LayerInfo
+from ..grid import TokenGrid
+
+
+class ModelAdapter:
+    """Base class of a model-family adapter (one per family, one file each).
+
+    Subclasses set ``name`` (the family, recorded in saved weights), ``role`` (the pipeline
+    attribute the denoiser usually sits in: ``"unet"``, ``"transformer"``, ``"controlnet"``) and
+    implement :meth:`handles`, :meth:`layers` and :meth:`record_grid`.
+    """
+
+    name: ClassVar[str]
+    role: ClassVar[str]
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family."""
+        raise NotImplementedError
+
+    def new_grid(self, model: nn.Module) -> TokenGrid:
+        """A fresh TokenGrid for ``model`` (with its patch size)."""
+        return TokenGrid()
+
+    def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
+        """The attention layers a method may replace, in module order."""
+        raise NotImplementedError
+
+    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Fill ``grid`` from the arguments of a denoiser call."""
+        raise NotImplementedError
+
+    def install_grid_hook(self, model: nn.Module, grid: TokenGrid) -> RemovableHandle:
+        """Register a pre-forward hook on ``model`` that records each call's grid."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.record_grid(grid, args, kwargs)
+
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def first_tensor_argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> torch.Tensor:
+    """The denoiser input passed positionally first or as ``name=``."""
+    value = args[0] if args else kwargs.get(name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected the {name!r} tensor as the first argument, got {type(value).__name__}")
+    return value

@@ -1,0 +1,177 @@
+"""`linearize` and `restore`: swap a denoiser's self-attention for a linear/local method and back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .adapters import adapter_for
+from .attention import GRID_ATTRIBUTE, AttentionMethod, create_method
+from .attention.base import ADDED_MODULE
+from .state import STATE_ATTRIBUTE, LinearizedState, base_linear, get_state
+
+logger = logging.getLogger(__name__)
+
+
+class GridRecorder:
+    """Pre-forward hook that records each denoiser call's token grid (deep-copies with the model)."""
+
+    def __init__(self, state: LinearizedState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.state.adapter.record_grid(self.state.grid, args, kwargs)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module behind a ``torch.compile`` wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def denoisers(pipe_or_model: Any) -> list[tuple[str, nn.Module]]:
+    """The models `linearize` converts, with their role names.
+
+    A pipeline gives its ``unet`` or ``transformer`` and each of its ControlNets
+    (``"controlnet"``, or ``"controlnet.0"``, ``"controlnet.1"``, ... for a multi-ControlNet).
+    A bare model gives itself, under its family's role.
+    """
+    if isinstance(pipe_or_model, nn.Module) and not hasattr(pipe_or_model, "nets"):
+        model = _unwrap(pipe_or_model)
+        return [(_role_of(model), model)]
+    found: list[tuple[str, nn.Module]] = []
+    if isinstance(pipe_or_model, nn.Module):
+        controlnet = pipe_or_model
+    else:
+        for role in ("unet", "transformer"):
+            model = getattr(pipe_or_model, role, None)
+            if isinstance(model, nn.Module):
+                found.append((role, _unwrap(model)))
+        controlnet = getattr(pipe_or_model, "controlnet", None)
+    if isinstance(controlnet, nn.Module):
+        nets = getattr(controlnet, "nets", None)
+        if nets is None:
+            found.append(("controlnet", _unwrap(controlnet)))
+        else:
+            found.extend((f"controlnet.{i}", _unwrap(net)) for i, net in enumerate(nets))
+    if not found:
+        raise TypeError(
+            "pipe_or_model must be a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
+            f"model; got {type(pipe_or_model).__name__}"
+        )
+    return found
+
+
+def _role_of(model: nn.Module) -> str:
+    return "controlnet" if "ControlNet" in type(model).__name__ else adapter_for(model).role
+
+
+def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedState:
+    """Convert one denoiser in place; returns the recorded state."""
+    existing = get_state(model)
+    if existing is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already linearized with method {existing.method.name!r}; "
+            "call lindiff.restore() first to convert it again"
+        )
+    adapter = adapter_for(model)
+    grid = adapter.new_grid(model)
+    layers = [layer for layer in adapter.layers(model, grid) if layer.kind in method.kinds]
+    if not layers:
+        raise ValueError(
+            f"method {method.name!r} found no layers to convert in {type(model).__name__} "
+            f"(it converts layer kinds {method.kinds})"
+        )
+    state = LinearizedState(
+        method=method,
+        adapter=adapter,
+        grid=grid,
+        layers={layer.name: layer.module for layer in layers},
+        original_processors={layer.name: layer.module.processor for layer in layers},
+        hook_id=-1,
+    )
+    for layer in layers:
+        method.convert_layer(layer)
+        setattr(layer.module, GRID_ATTRIBUTE, grid)
+        layer.module.set_processor(method.processor(layer))
+    handle = model.register_forward_pre_hook(GridRecorder(state), with_kwargs=True)
+    state.hook_id = handle.id
+    setattr(model, STATE_ATTRIBUTE, state)
+    logger.info("linearized %d layers of %s with %r", len(layers), type(model).__name__, method.name)
+    return state
+
+
+def restore_model(model: nn.Module) -> None:
+    """Undo `linearize_model`: original processors, projections and no added modules or hooks."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} was not linearized by lindiff; nothing to restore")
+    with torch.no_grad():
+        for name, attn in state.layers.items():
+            attn.set_processor(state.original_processors[name])
+            for attribute in (ADDED_MODULE, GRID_ATTRIBUTE):
+                if hasattr(attn, attribute):
+                    delattr(attn, attribute)
+            if state.projection_backup is not None:
+                _restore_projections(attn, name, state.projection_backup)
+    for hooks in (model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs):
+        hooks.pop(state.hook_id, None)
+    delattr(model, STATE_ATTRIBUTE)
+
+
+def _restore_projections(attn: Attention, name: str, backup: dict[str, torch.Tensor]) -> None:
+    for key, saved in backup.items():
+        if not key.startswith(name + "."):
+            continue
+        projection, param_name = key[len(name) + 1 :].rsplit(".", 1)
+        getattr(base_linear(attn, projection), param_name).copy_(saved)
+
+
+def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None, **options: Any) -> Any:
+    """Replace the self-attention of a pipeline's denoiser(s) with a linear or local method, in place.
+
+    Args:
+        pipe_or_model: a diffusers pipeline (its ``unet``/``transformer`` and ControlNets are
+            converted) or a bare denoiser model.
+        method: a name from :func:`lindiff.methods`.
+        weights: trained weights for the new layers: a folder or file written by
+            :func:`lindiff.save_weights`, a released LinFusion checkpoint folder, or a hub id.
+            ``None`` keeps the fresh initialisation (which reproduces the teacher's q/k).
+        **options: method options (see the method's options dataclass, e.g.
+            :class:`lindiff.attention.linfusion.LinFusionOptions`).
+
+    Returns:
+        ``pipe_or_model``, converted.
+    """
+    from .weights import apply_checkpoint, read_checkpoint
+
+    targets = denoisers(pipe_or_model)
+    checkpoint = None
+    if weights is not None:
+        checkpoint = read_checkpoint(weights)
+        options = checkpoint.merged_options(method, options)
+    method_instance = create_method(method, **options)
+    already = [role for role, model in targets if get_state(model) is not None]
+    if already:
+        raise ValueError(f"already linearized: {', '.join(already)}; call lindiff.restore() first")
+    for _, model in targets:
+        linearize_model(model, method_instance)
+    if checkpoint is not None:
+        apply_checkpoint(targets, checkpoint)
+    return pipe_or_model
+
+
+def restore(pipe_or_model: Any) -> Any:
+    """Put back the original softmax attention of everything `linearize` converted; in place.
+
+    Outputs afterwards are bit-identical to those before `linearize`. Returns ``pipe_or_model``.
+    """
+    targets = [(role, model) for role, model in denoisers(pipe_or_model) if get_state(model) is not None]
+    if not targets:
+        raise ValueError(f"{type(pipe_or_model).__name__} was not linearized by lindiff; nothing to restore")
+    for _, model in targets:
+        restore_model(model)
+    return pipe_or_model

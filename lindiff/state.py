@@ -1,0 +1,67 @@
+"""What `linearize` records on a converted denoiser, so `restore` and weight I/O can undo or save it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .adapters.base import ModelAdapter
+from .attention.base import AttentionMethod
+from .grid import TokenGrid
+
+STATE_ATTRIBUTE = "_lindiff_state"
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def base_linear(attn: Attention, projection: str) -> nn.Linear:
+    """The ``nn.Linear`` behind ``attn.<projection>``, looking through a PEFT LoRA wrapper."""
+    module = attn.get_submodule(projection)
+    return getattr(module, "base_layer", module)
+
+
+@dataclass
+class LinearizedState:
+    """Everything `linearize` changed on one denoiser.
+
+    Attributes:
+        method: the attention method instance (its options included).
+        adapter: the model-family adapter.
+        grid: the TokenGrid shared by all converted layers.
+        layers: converted ``Attention`` modules by module path.
+        original_processors: the processor each converted layer had before conversion.
+        hook_id: id of the grid-recording pre-forward hook on the denoiser.
+        projection_backup: the teacher's q/k/v/out weights, kept once something overwrites them
+            (loaded LinFusion checkpoints, distillation that trains projections), so `restore`
+            can give back the original model exactly.
+    """
+
+    method: AttentionMethod
+    adapter: ModelAdapter
+    grid: TokenGrid
+    layers: dict[str, Attention]
+    original_processors: dict[str, Any]
+    hook_id: int
+    projection_backup: dict[str, torch.Tensor] | None = field(default=None)
+
+    @property
+    def projections_modified(self) -> bool:
+        return self.projection_backup is not None
+
+    def backup_projections(self) -> None:
+        """Keep a CPU copy of the self-attention projections before anything changes them."""
+        if self.projection_backup is not None:
+            return
+        backup = {}
+        for name, attn in self.layers.items():
+            for projection in PROJECTIONS:
+                for param_name, param in base_linear(attn, projection).named_parameters():
+                    backup[f"{name}.{projection}.{param_name}"] = param.detach().to("cpu", copy=True)
+        self.projection_backup = backup
+
+
+def get_state(model: nn.Module) -> LinearizedState | None:
+    return getattr(model, STATE_ATTRIBUTE, None)

@@ -1,0 +1,345 @@
+"""Saving and loading what `linearize` added (safetensors), and importing released LinFusion checkpoints.
+
+lindiff format: one ``lindiff.safetensors`` whose tensors are keyed ``{role}.{module path}.{param}``
+(``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.lindiff.q_mlp.0.weight``) and whose
+metadata carries the config (method, options, family of each component, lindiff version); the
+folder form adds the same config as ``lindiff.json`` for people to read.
+
+LinFusion format (as released): a folder with ``config.json`` holding ``modules_list`` (entries
+``module_name``, ``dim_n``, ``heads``, ``projection_mid_dim``) and
+``diffusion_pytorch_model.safetensors`` with keys ``{i}.to_q_.0.weight`` ... where ``i`` indexes
+``modules_list``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .attention.base import ADDED_MODULE
+from .convert import denoisers
+from .state import PROJECTIONS, LinearizedState, base_linear, get_state
+from .version import __version__
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "lindiff.safetensors"
+CONFIG_NAME = "lindiff.json"
+FORMAT_VERSION = 1
+LINFUSION_CONFIG = "config.json"
+LINFUSION_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """Weights for converted layers, whatever format they came from.
+
+    Attributes:
+        method: the attention method they belong to.
+        options: that method's options.
+        components: role -> model family (``{"unet": "unet", "controlnet": "unet"}``).
+        tensors: ``{role}.{module path}.{param}`` -> tensor.
+        source: where they were read from, for messages.
+    """
+
+    method: str
+    options: dict[str, Any]
+    components: dict[str, str]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    source: str = ""
+
+    def merged_options(self, method: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's options overridden by none of ``options``; conflicts raise."""
+        if method != self.method:
+            raise ValueError(f"weights {self.source} are for method {self.method!r}, but method={method!r}")
+        conflicts = {
+            k: (v, self.options[k]) for k, v in options.items() if k in self.options and self.options[k] != v
+        }
+        if conflicts:
+            details = ", ".join(
+                f"{k}={given!r} (weights have {saved!r})" for k, (given, saved) in conflicts.items()
+            )
+            raise ValueError(f"options conflict with weights {self.source}: {details}")
+        return {**self.options, **options}
+
+
+def _config(method: str, options: dict[str, Any], components: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "format": "lindiff",
+        "format_version": FORMAT_VERSION,
+        "lindiff_version": __version__,
+        "method": method,
+        "options": options,
+        "components": components,
+    }
+
+
+def _added_tensors(state: LinearizedState) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, attn in state.layers.items():
+        added = getattr(attn, ADDED_MODULE, None)
+        if isinstance(added, nn.Module):
+            for key, value in added.state_dict().items():
+                tensors[f"{name}.{ADDED_MODULE}.{key}"] = value
+        if state.projections_modified:
+            for projection in PROJECTIONS:
+                for key, value in base_linear(attn, projection).state_dict().items():
+                    tensors[f"{name}.{projection}.{key}"] = value
+    return tensors
+
+
+def save_weights(pipe_or_model: Any, path: str | os.PathLike) -> Path:
+    """Save only what `linearize` added or training changed, as safetensors plus a JSON config.
+
+    Args:
+        pipe_or_model: a linearized pipeline or denoiser.
+        path: output folder (created); ``lindiff.safetensors`` and ``lindiff.json`` are written in it.
+
+    Returns:
+        The path of the safetensors file.
+    """
+    targets = [(role, model, get_state(model)) for role, model in denoisers(pipe_or_model)]
+    targets = [(role, model, state) for role, model, state in targets if state is not None]
+    if not targets:
+        raise ValueError(f"{type(pipe_or_model).__name__} is not linearized; nothing to save")
+    methods = {
+        (state.method.name, json.dumps(state.method.options_dict(), sort_keys=True))
+        for _, _, state in targets
+    }
+    if len(methods) > 1:
+        raise ValueError(f"components were linearized with different methods/options: {sorted(methods)}")
+    state0 = targets[0][2]
+    tensors: dict[str, torch.Tensor] = {}
+    components = {}
+    for role, model, state in targets:
+        components[role] = {
+            "family": state.adapter.name,
+            "class": type(model).__name__,
+            "layers": len(state.layers),
+        }
+        for key, value in _added_tensors(state).items():
+            tensors[f"{role}.{key}"] = value.detach().contiguous().cpu()
+    config = _config(state0.method.name, state0.method.options_dict(), components)
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path = folder / WEIGHTS_NAME
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"lindiff_config": json.dumps(config)})
+    os.replace(tmp, weights_path)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return weights_path
+
+
+def _read_lindiff_file(path: Path) -> Checkpoint:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if "lindiff_config" not in metadata:
+            raise ValueError(
+                f"{path} is a safetensors file without a lindiff config; was it written by save_weights?"
+            )
+        config = json.loads(metadata["lindiff_config"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses lindiff weight format {config['format_version']}, newer than this lindiff "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade lindiff"
+        )
+    components = {role: info["family"] for role, info in config["components"].items()}
+    return Checkpoint(config["method"], config["options"], components, tensors, source=str(path))
+
+
+def _linfusion_mid_dim(modules_list: list[dict[str, Any]], source: Path) -> int | None:
+    mids = {entry.get("projection_mid_dim") for entry in modules_list}
+    if len(mids) != 1:
+        raise ValueError(
+            f"{source}: LinFusion checkpoints with different projection_mid_dim per layer are not supported"
+        )
+    mid = mids.pop()
+    return 0 if mid == -1 else mid
+
+
+def _read_linfusion_folder(folder: Path) -> Checkpoint:
+    config = json.loads((folder / LINFUSION_CONFIG).read_text())
+    modules_list = config.get("modules_list")
+    if not isinstance(modules_list, list) or not modules_list:
+        raise ValueError(f"{folder / LINFUSION_CONFIG} has no `modules_list`; not a LinFusion checkpoint")
+    renames = {"to_q_.": f"{ADDED_MODULE}.q_mlp.", "to_k_.": f"{ADDED_MODULE}.k_mlp."}
+    tensors = {}
+    with safe_open(str(folder / LINFUSION_WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            index, rest = key.split(".", 1)
+            module_name = modules_list[int(index)]["module_name"]
+            for old, new in renames.items():
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+            tensors[f"unet.{module_name}.{rest}"] = f.get_tensor(key)
+    options = {"mid_dim": _linfusion_mid_dim(modules_list, folder)}
+    return Checkpoint("linfusion", options, {"unet": "unet"}, tensors, source=str(folder))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, LINFUSION_CONFIG, LINFUSION_WEIGHTS]
+            )
+        )
+    except Exception as error:  # the hub raises many types: offline, not found, gated, bad id
+        raise ValueError(
+            f"weights={repo_id!r} is not a local file or folder, and loading it as a hub id failed: {error}"
+        ) from error
+
+
+def read_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """Read weights from a lindiff file/folder, a LinFusion folder, or a hub id of either."""
+    if isinstance(source, Checkpoint):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"weights must be a path or hub id string, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        if (
+            isinstance(source, os.PathLike)
+            or str(source).startswith((".", "/", "~"))
+            or str(source).count("/") != 1
+        ):
+            raise ValueError(
+                f"weights={str(source)!r}: no such file or folder (and not a hub id of the form 'owner/name')"
+            )
+        path = _download(str(source))
+    if path.is_file():
+        return _read_lindiff_file(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return _read_lindiff_file(path / WEIGHTS_NAME)
+    if (path / LINFUSION_CONFIG).is_file() and (path / LINFUSION_WEIGHTS).is_file():
+        return _read_linfusion_folder(path)
+    raise ValueError(
+        f"weights={str(source)!r}: folder holds neither {WEIGHTS_NAME} (lindiff) nor "
+        f"{LINFUSION_CONFIG} + {LINFUSION_WEIGHTS} (LinFusion)"
+    )
+
+
+def _component_for(role: str, checkpoint: Checkpoint) -> str | None:
+    """Which checkpoint component feeds ``role``: its own, else a ControlNet borrows the UNet's.
+
+    A ControlNet is a copy of its UNet's encoder, with the same module paths, so UNet weights
+    (for example a released LinFusion checkpoint) fit its layers.
+    """
+    if role in checkpoint.components:
+        return role
+    if role.startswith("controlnet") and "controlnet" in checkpoint.components:
+        return "controlnet"
+    if role.startswith("controlnet") and "unet" in checkpoint.components:
+        logger.info("no %s weights in %s; using the UNet's for matching layers", role, checkpoint.source)
+        return "unet"
+    return None
+
+
+def apply_checkpoint(targets: list[tuple[str, nn.Module]], checkpoint: Checkpoint) -> None:
+    """Copy checkpoint tensors into linearized models, after checking everything matches."""
+    problems: list[str] = []
+    plans: list[tuple[LinearizedState, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+    for role, model in targets:
+        state = get_state(model)
+        if state is None:
+            problems.append(f"{role}: not linearized")
+            continue
+        component = _component_for(role, checkpoint)
+        if component is None:
+            problems.append(f"{role}: no weights for it (weights have {sorted(checkpoint.components)})")
+            continue
+        if state.method.name != checkpoint.method:
+            problems.append(
+                f"{role}: linearized with {state.method.name!r}, weights are for {checkpoint.method!r}"
+            )
+            continue
+        if checkpoint.components[component] != state.adapter.name:
+            problems.append(
+                f"{role}: model family {state.adapter.name!r}, weights are for {checkpoint.components[component]!r}"
+            )
+            continue
+        plan, role_problems = _match_tensors(role, component, state, checkpoint)
+        problems.extend(role_problems)
+        plans.append((state, plan))
+    if problems:
+        shown = "\n  ".join(problems[:25]) + (
+            f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        )
+        raise ValueError(f"weights {checkpoint.source} do not match the model:\n  {shown}")
+    with torch.no_grad():
+        for state, plan in plans:
+            if any(".lindiff." not in key for key in plan):
+                state.backup_projections()
+            for target, tensor in plan.values():
+                target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def _match_tensors(
+    role: str, component: str, state: LinearizedState, checkpoint: Checkpoint
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    prefix = component + "."
+    available = {
+        key[len(prefix) :]: value for key, value in checkpoint.tensors.items() if key.startswith(prefix)
+    }
+    expected: dict[str, torch.Tensor] = {}
+    for name, attn in state.layers.items():
+        added = getattr(attn, ADDED_MODULE, None)
+        if isinstance(added, nn.Module):
+            expected.update(
+                {f"{name}.{ADDED_MODULE}.{k}": v for k, v in added.state_dict(keep_vars=True).items()}
+            )
+    projection_keys = {key for key in available if f".{ADDED_MODULE}." not in key}
+    for key in projection_keys:
+        layer, _, rest = _split_layer(key, state.layers)
+        if layer is not None:
+            projection, param_name = rest.rsplit(".", 1)
+            expected[key] = getattr(base_linear(state.layers[layer], projection), param_name)
+
+    borrowed = component != role.split(".")[0] and component != role
+    problems = [f"{role}: missing {key}" for key in expected if key not in available]
+    if not borrowed:
+        problems += [f"{role}: unexpected {key}" for key in available if key not in expected]
+    plan = {}
+    for key, target in expected.items():
+        if key in available:
+            if tuple(available[key].shape) != tuple(target.shape):
+                problems.append(
+                    f"{role}: {key} has shape {tuple(available[key].shape)} in the weights, "
+                    f"{tuple(target.shape)} in the model"
+                )
+            else:
+                plan[key] = (target, available[key])
+    return plan, problems
+
+
+def _split_layer(key: str, layers: dict[str, Any]) -> tuple[str | None, str, str]:
+    for name in layers:
+        if key.startswith(name + "."):
+            return name, ".", key[len(name) + 1 :]
+    return None, "", key
+
+
+def load_weights(pipe_or_model: Any, source: str | os.PathLike) -> Any:
+    """Load trained weights into an already linearized pipeline or denoiser; returns it.
+
+    Args:
+        source: a lindiff folder or ``.safetensors`` file (from :func:`save_weights`), a released
+            LinFusion checkpoint folder, or a hub id holding either.
+
+    Raises:
+        ValueError: listing every mismatch (method, family, missing/unexpected keys, shapes).
+    """
+    apply_checkpoint(denoisers(pipe_or_model), read_checkpoint(source))
+    return pipe_or_model
