@@ -34,8 +34,8 @@ def _check_inputs(q, k, v, feature_map, eps, layout, kv_scale) -> None:
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {feature_map!r}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"q, k, v must be float32, float16, bfloat16 or float64, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     token_dim, head_dim = (1, 2) if layout == "bnhd" else (2, 1)

@@ -8,7 +8,7 @@ For every query ``i``:
     o_i = phi(q_i) S / (phi(q_i) . z + eps),   S = s * sum_j phi(k_j)^T v_j,   z = s * sum_j phi(k_j)
 
 with ``s = kv_scale`` (``1/N_k`` for the mean-normalised variant of LinFusion). The state ``S, z``
-is accumulated in float32 whatever the input dtype, over chunks of the sequence so that memory
+is accumulated in float32 (float64 for float64 inputs), over chunks of the sequence so that memory
 beyond the inputs stays bounded by the chunk size.
 """
 
@@ -71,19 +71,20 @@ def linear_attention_reference(
     batch, n_k, heads, dim = k.shape
     n_q, dim_v = q.shape[1], v.shape[-1]
     scale = 1.0 / n_k if kv_scale is None else float(kv_scale)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    state = q.new_zeros((batch, heads, dim, dim_v), dtype=torch.float32)
-    normalizer = q.new_zeros((batch, heads, dim), dtype=torch.float32)
+    state = q.new_zeros((batch, heads, dim, dim_v), dtype=acc)
+    normalizer = q.new_zeros((batch, heads, dim), dtype=acc)
     for start, end in _chunks(n_k, batch * heads * (dim + dim_v)):
-        phi_k = phi(k[:, start:end].float())
-        state = state + torch.einsum("bnhd,bnhe->bhde", phi_k, v[:, start:end].float())
+        phi_k = phi(k[:, start:end].to(acc))
+        state = state + torch.einsum("bnhd,bnhe->bhde", phi_k, v[:, start:end].to(acc))
         normalizer = normalizer + phi_k.sum(dim=1)
     state = state * scale
     normalizer = normalizer * scale
 
     outputs = []
     for start, end in _chunks(n_q, batch * heads * (dim + dim_v)):
-        phi_q = phi(q[:, start:end].float())
+        phi_q = phi(q[:, start:end].to(acc))
         numerator = torch.einsum("bnhd,bhde->bnhe", phi_q, state)
         denominator = torch.einsum("bnhd,bhd->bnh", phi_q, normalizer).unsqueeze(-1) + eps
         outputs.append((numerator / denominator).to(q.dtype))
