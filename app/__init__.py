@@ -1,0 +1,1 @@
+"""The Gradio demo (installed as ``lindiff.app``; needs the ``demo`` extra)."""

@@ -1,0 +1,180 @@
+"""One denoising step of an SD 1.5-architecture UNet: softmax (SDPA) vs LinFusion linear attention.
+
+The UNet is built from the SD 1.5 config with random weights (speed does not depend on the
+weights). For every image size both variants run in the same process, interleaved, and the
+ratio linear / softmax of the median step time and of the peak memory is reported:
+
+    python bench/unet_step.py                  # 512, 768, 1024, 1536 px
+    python bench/unet_step.py --quick          # 512 and 1024 px, fewer runs
+
+Peak memory is the high-water mark above the memory in use before the step: CUDA's peak
+allocator statistics on GPU, the process's peak resident set (reset through
+``/proc/self/clear_refs``) on CPU. Results go to ``bench/results/unet_step-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import device_label, save_results  # bench/ is on sys.path when run as a script
+from diffusers import UNet2DConditionModel
+
+import lindiff
+from lindiff.cli import environment
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+TEXT_TOKENS = 77
+
+
+class PeakMemory:
+    """Peak memory (MiB) above the level at ``start()``: CUDA allocator stats or the CPU resident set."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0.0
+
+    @staticmethod
+    def _proc_status(field: str) -> float:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._proc_status("VmRSS")
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        return self._proc_status("VmHWM") - self.base
+
+
+def step_inputs(size: int, batch: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, size // 8, size // 8, generator=generator)
+    text = torch.randn(batch, TEXT_TOKENS, SD15_UNET["cross_attention_dim"], generator=generator)
+    timestep = torch.tensor([500] * batch)
+    return tuple(
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (latents, timestep, text)
+    )
+
+
+def measure(unet: UNet2DConditionModel, inputs: tuple, repeats: int, memory: PeakMemory) -> dict:
+    """Median wall time of ``repeats`` steps after one warm-up, and the peak memory of one step."""
+
+    def step() -> float:
+        if memory.device.type == "cuda":
+            torch.cuda.synchronize(memory.device)
+        start = time.perf_counter()
+        unet(*inputs, return_dict=False)
+        if memory.device.type == "cuda":
+            torch.cuda.synchronize(memory.device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        memory.start()
+        warmup = step()
+        peak = memory.peak()
+        times = [step() for _ in range(repeats)]
+    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warmup, "peak_mib": peak}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[512, 768, 1024, 1536], help="image sizes (px)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant and size")
+    parser.add_argument("--batch", type=int, default=1, help="latent batch (2 for classifier-free guidance)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="default: float16 on CUDA, float32 on CPU",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="512 and 1024 px, 2 timed steps")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/unet_step-<device>.json)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = [512, 1024], 2
+    bad = [s for s in args.sizes if s <= 0 or s % 64]
+    if bad:
+        parser.error(f"--sizes must be positive multiples of 64 (the UNet downsamples latents 8x), got {bad}")
+    if args.repeats < 1 or args.batch < 1:
+        parser.error("--repeats and --batch must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device=device, dtype=dtype).eval()
+    memory = PeakMemory(device)
+
+    rows = []
+    print(
+        f"SD 1.5 UNet step on {device_label(device)}, {dtype}, batch {args.batch}, median of {args.repeats}"
+    )
+    print(
+        f"{'size':>6} {'tokens':>7} {'softmax s':>10} {'linear s':>9} {'time':>6} {'softmax MiB':>12} {'linear MiB':>11} {'mem':>6}"
+    )
+    for size in args.sizes:
+        inputs = step_inputs(size, args.batch, device, dtype)
+        softmax = measure(unet, inputs, args.repeats, memory)
+        lindiff.linearize(unet)
+        linear = measure(unet, inputs, args.repeats, memory)
+        lindiff.restore(unet)
+        row = {
+            "size": size,
+            "tokens": (size // 8) ** 2,
+            "softmax": softmax,
+            "linear": linear,
+            "time_ratio": linear["median_s"] / softmax["median_s"],
+            "memory_ratio": linear["peak_mib"] / softmax["peak_mib"],
+        }
+        rows.append(row)
+        print(
+            f"{size:>6} {row['tokens']:>7} {softmax['median_s']:>10.3f} {linear['median_s']:>9.3f} "
+            f"{row['time_ratio']:>6.3f} {softmax['peak_mib']:>12.0f} {linear['peak_mib']:>11.0f} {row['memory_ratio']:>6.3f}"
+        )
+
+    result = {
+        "benchmark": "unet_step",
+        "description": "one SD 1.5-architecture UNet step, LinFusion (linear) vs SDPA (softmax); ratios are linear/softmax",
+        "environment": environment(),
+        "device": device_label(device),
+        "config": {"dtype": str(dtype), "batch": args.batch, "repeats": args.repeats, "unet": SD15_UNET},
+        "results": rows,
+    }
+    path = save_results(result, args.out or f"unet_step-{device_label(device, short=True)}.json")
+    print(f"saved {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""A regular (non-editable) install: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("lindiff-*.whl")
+    return path
+
+
+def test_wheel_installs_subpackages_inside_lindiff_only(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.startswith("lindiff-")}
+    assert tops == {"lindiff"}
+    for module in (
+        "lindiff/kernels/linear_attention/reference.py",
+        "lindiff/kernels/local_attention/__init__.py",
+        "lindiff/pipelines/__init__.py",
+        "lindiff/app/__init__.py",
+        "lindiff/cli.py",
+    ):
+        assert module in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
+    assert b"lindiff = lindiff.cli:main" in entry_points
+
+
+def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import lindiff, lindiff.kernels, lindiff.pipelines, lindiff.app; "
+        "from lindiff.kernels import linear_attention; "
+        "print(lindiff.__file__); print(lindiff.kernels.__file__)"
+    )
+    # -S skips site-packages' .pth files (the editable install's finder); the interpreter then sees
+    # the installed wheel first and the dependencies, never the source tree.
+    paths = [
+        str(target),
+        *(p for p in sys.path if p and (not p.startswith(str(ROOT)) or "site-packages" in p)),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", f"import sys; sys.path[:] = {paths!r}; {code}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.split()
+    assert all(line.startswith(str(target)) for line in lines), lines
