@@ -18,13 +18,31 @@ logger = logging.getLogger(__name__)
 
 
 class GridRecorder:
-    """Pre-forward hook that records each denoiser call's token grid (deep-copies with the model)."""
+    """Pre-forward hook of a converted denoiser (deep-copies with the model).
+
+    Records each call's token grid, and puts the method's processor back on converted layers
+    whose processor was replaced since the last call (see
+    :meth:`LinearizedState.reinstall_processors`), logging that once at INFO.
+    """
 
     def __init__(self, state: LinearizedState) -> None:
         self.state = state
+        self.reinstall_logged = False
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.state.adapter.record_grid(self.state.grid, args, kwargs)
+        replaced = self.state.reinstall_processors()
+        if replaced and not self.reinstall_logged:
+            self.reinstall_logged = True
+            found = sorted({cls.__name__ for cls in replaced.values()})
+            logger.info(
+                "%d converted layers of %s had their processor replaced (by %s); lindiff put its %r "
+                "processor back. Call lindiff.restore() to go back to softmax attention",
+                len(replaced),
+                type(module).__name__,
+                ", ".join(found),
+                self.state.method.name,
+            )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -96,7 +114,8 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
     for layer in layers:
         method.convert_layer(layer)
         setattr(layer.module, GRID_ATTRIBUTE, grid)
-        layer.module.set_processor(method.processor(layer))
+        state.processors[layer.name] = method.processor(layer)
+        layer.module.set_processor(state.processors[layer.name])
     handle = model.register_forward_pre_hook(GridRecorder(state), with_kwargs=True)
     state.hook_id = handle.id
     setattr(model, STATE_ATTRIBUTE, state)

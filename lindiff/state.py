@@ -34,6 +34,7 @@ class LinearizedState:
         layers: converted ``Attention`` modules by module path.
         original_processors: the processor each converted layer had before conversion.
         hook_id: id of the grid-recording pre-forward hook on the denoiser.
+        processors: the method's processor installed on each converted layer.
         projection_backup: the teacher's q/k/v/out weights, kept once something overwrites them
             (loaded LinFusion checkpoints, distillation that trains projections), so `restore`
             can give back the original model exactly.
@@ -45,6 +46,7 @@ class LinearizedState:
     layers: dict[str, Attention]
     original_processors: dict[str, Any]
     hook_id: int
+    processors: dict[str, Any] = field(default_factory=dict)
     projection_backup: dict[str, torch.Tensor] | None = field(default=None)
 
     @property
@@ -61,6 +63,27 @@ class LinearizedState:
                 for param_name, param in base_linear(attn, projection).named_parameters():
                     backup[f"{name}.{projection}.{param_name}"] = param.detach().to("cpu", copy=True)
         self.projection_backup = backup
+
+    def reinstall_processors(self) -> dict[str, type]:
+        """Put the method's processor back on converted layers where something replaced it.
+
+        diffusers swaps processors wholesale (``enable_attention_slicing``,
+        ``set_default_attn_processor``, ``set_attn_processor``), which would silently bring back
+        softmax attention on converted layers; only `restore` should do that. Layers whose
+        processor is of the installed class (IP-Adapter loading re-creates them with ``cls()``)
+        are left alone.
+
+        Returns:
+            The replaced layers' names and the processor class found on each.
+        """
+        replaced = {
+            name: type(self.layers[name].processor)
+            for name, processor in self.processors.items()
+            if type(self.layers[name].processor) is not type(processor)
+        }
+        for name in replaced:
+            self.layers[name].set_processor(self.processors[name])
+        return replaced
 
 
 def get_state(model: nn.Module) -> LinearizedState | None:

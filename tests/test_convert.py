@@ -3,8 +3,8 @@
 import copy
 
 import pytest
-import torch
 import tiny_models
+import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import lindiff
@@ -30,13 +30,15 @@ def attention_layers(unet, suffix):
 
 def test_methods_registry():
     assert "linfusion" in lindiff.methods()
-    with pytest.raises(ValueError, match="unknown method 'nope'; available: .*linfusion"):
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*linfusion"):
         lindiff.linearize(tiny_models.unet(), method="nope")
 
 
 def test_linearize_converts_self_attention_only_and_keeps_projections():
     unet = tiny_models.unet()
-    projections = {name: (m.to_q, m.to_k, m.to_v, m.to_out[0]) for name, m in attention_layers(unet, "attn1").items()}
+    projections = {
+        name: (m.to_q, m.to_k, m.to_v, m.to_out[0]) for name, m in attention_layers(unet, "attn1").items()
+    }
     cross = {name: m.processor for name, m in attention_layers(unet, "attn2").items()}
 
     assert lindiff.linearize(unet) is unet
@@ -101,7 +103,9 @@ def test_deepcopy_gives_an_independent_student():
     assert get_state(student).grid.latent is None
     lindiff.restore(twin)
     assert get_state(student) is not None
-    assert isinstance(student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, LinFusionAttnProcessor)
+    assert isinstance(
+        student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, LinFusionAttnProcessor
+    )
 
 
 def test_errors():

@@ -30,7 +30,9 @@ def quadratic_reference(attn, x):
     v = attn.to_v(x)
     b, n, _ = x.shape
     split = lambda t: t.view(b, n, attn.heads, -1)
-    out = linear_attention_quadratic(split(q), split(k), split(v), "elu1", eps=attn.lindiff.eps, kv_scale=None)
+    out = linear_attention_quadratic(
+        split(q), split(k), split(v), "elu1", eps=attn.lindiff.eps, kv_scale=None
+    )
     return attn.to_out[0](out.reshape(b, n, -1))
 
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-import torch
 import tiny_models
+import torch
 from safetensors.torch import load_file, save_file
 
 import lindiff
@@ -46,7 +46,7 @@ def test_mismatches_are_listed(tmp_path):
     lindiff.save_weights(pipe, tmp_path)
     with pytest.raises(ValueError, match=r"q_mlp\.0\.weight has shape \(8, 16\) in the weights, \(4, 16\)"):
         lindiff.load_weights(lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=4), tmp_path)
-    with pytest.raises(ValueError, match="options conflict with weights .*mid_dim=4 \\(weights have 8\\)"):
+    with pytest.raises(ValueError, match=r"options conflict with weights .*mid_dim=4 \(weights have 8\)"):
         lindiff.linearize(tiny_models.sd_pipeline(), weights=tmp_path, mid_dim=4)
     with pytest.raises(ValueError, match="not linearized"):
         lindiff.load_weights(tiny_models.sd_pipeline(), tmp_path)
@@ -58,18 +58,22 @@ def test_mismatches_are_listed(tmp_path):
     config["components"]["unet"]["family"] = "flux"
     save_file(tensors, tmp_path / "broken.safetensors", metadata={"lindiff_config": json.dumps(config)})
     with pytest.raises(ValueError, match="model family 'unet', weights are for 'flux'"):
-        lindiff.load_weights(lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=8), tmp_path / "broken.safetensors")
+        lindiff.load_weights(
+            lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=8), tmp_path / "broken.safetensors"
+        )
     config["components"]["unet"]["family"] = "unet"
     save_file(tensors, tmp_path / "broken.safetensors", metadata={"lindiff_config": json.dumps(config)})
     with pytest.raises(ValueError, match=f"missing {dropped[len('unet.') :]}"):
-        lindiff.load_weights(lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=8), tmp_path / "broken.safetensors")
+        lindiff.load_weights(
+            lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=8), tmp_path / "broken.safetensors"
+        )
 
 
 def test_bad_sources(tmp_path, monkeypatch):
     unet = lindiff.linearize(tiny_models.unet())
     with pytest.raises(ValueError, match="no such file or folder"):
         lindiff.load_weights(unet, tmp_path / "missing")
-    with pytest.raises(ValueError, match="neither lindiff.safetensors"):
+    with pytest.raises(ValueError, match=r"neither lindiff\.safetensors"):
         lindiff.load_weights(unet, tmp_path)
     with pytest.raises(TypeError, match="weights must be a path"):
         lindiff.load_weights(unet, 3)
@@ -86,7 +90,9 @@ def write_linfusion_checkpoint(folder, unet, seed=5):
     for i, name in enumerate(names):
         attn = unet.get_submodule(name)
         dim = attn.to_q.weight.shape[0]
-        modules_list.append({"module_name": name, "dim_n": dim, "heads": attn.heads, "projection_mid_dim": None})
+        modules_list.append(
+            {"module_name": name, "dim_n": dim, "heads": attn.heads, "projection_mid_dim": None}
+        )
         shapes = {
             "to_q.weight": (dim, dim),
             "to_k.weight": (dim, dim),
@@ -100,7 +106,9 @@ def write_linfusion_checkpoint(folder, unet, seed=5):
         for key, shape in shapes.items():
             tensors[f"{i}.{key}"] = torch.randn(shape, generator=generator) * 0.1
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"_class_name": "LinFusion", "modules_list": modules_list}))
+    (folder / "config.json").write_text(
+        json.dumps({"_class_name": "LinFusion", "modules_list": modules_list})
+    )
     save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
     return modules_list, tensors
 

@@ -6,6 +6,7 @@ self-attention at two resolutions (so token grids at several levels are exercise
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -97,6 +99,13 @@ def sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
+def img2img_pipeline(seed: int = 0) -> StableDiffusionImg2ImgPipeline:
+    """The tiny SD 1.x pipeline's components in an image-to-image pipeline."""
+    pipe = StableDiffusionImg2ImgPipeline(**sd_pipeline(seed).components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config())
@@ -155,9 +164,13 @@ def sd_controlnet_pipeline(num_controlnets: int = 1, seed: int = 0) -> StableDif
 
 
 def run(pipe, seed: int = 0, steps: int = 2, **kwargs) -> torch.Tensor:
-    """Two denoising steps at 32x32 px (16x16 latents); returns the output as a tensor."""
-    kwargs.setdefault("height", 32)
-    kwargs.setdefault("width", 32)
+    """Two denoising steps at 32x32 px (16x16 latents); returns the output as a tensor.
+
+    Pipelines without ``height``/``width`` arguments (image-to-image) take their size from ``image``.
+    """
+    if "height" in inspect.signature(pipe.__call__).parameters:
+        kwargs.setdefault("height", 32)
+        kwargs.setdefault("width", 32)
     return pipe(
         prompt="a red circle above a blue square",
         num_inference_steps=steps,

@@ -1,19 +1,34 @@
 """Non-causal linear attention: public entry point.
 
-The op dispatches on the device of its inputs: CUDA tensors run the fused Triton kernels
-(when Triton is installed), anything else runs the plain-PyTorch reference in
-``reference.py``, which is also what the Triton kernels are tested against.
+Four layers: the Triton kernels and, beside them, their launchers (``triton_linear_attention.py``),
+the ``torch.library`` custom ops with autograd and fake implementations (``autograd.py``), and this
+public function, which validates and dispatches. With ``backend="auto"`` CUDA tensors run the fused Triton kernels (when
+Triton is installed); anything else runs the plain-PyTorch reference in ``reference.py``, which is
+also what the Triton kernels are tested against.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+import os
+
 import torch
 
+from .autograd import linear_attention_op
 from .reference import FEATURE_MAPS, linear_attention_quadratic, linear_attention_reference
 
 LAYOUTS = ("bnhd", "bhnd")
+BACKENDS = ("auto", "triton", "reference")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Checked without importing triton (and without touching the GPU), so importing lindiff stays cheap.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKENDS",
     "FEATURE_MAPS",
     "LAYOUTS",
     "linear_attention",
@@ -22,7 +37,9 @@ __all__ = [
 ]
 
 
-def _check_inputs(q, k, v, feature_map, eps, layout, kv_scale) -> None:
+def _check_inputs(q, k, v, feature_map, eps, layout, kv_scale, backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,10 +69,50 @@ def _check_inputs(q, k, v, feature_map, eps, layout, kv_scale) -> None:
         raise ValueError(f"k and v token counts differ: {k.shape[token_dim]} vs {v.shape[token_dim]}")
     if k.shape[token_dim] == 0:
         raise ValueError("k and v must have at least one token")
-    if not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if kv_scale != "mean" and (not isinstance(kv_scale, (int, float)) or kv_scale <= 0):
+    if kv_scale != "mean" and (
+        isinstance(kv_scale, bool) or not isinstance(kv_scale, (int, float)) or not kv_scale > 0
+    ):
         raise ValueError(f"kv_scale must be a positive number or 'mean', got {kv_scale!r}")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    """Whether this call runs the Triton kernels; raises when ``backend="triton"`` cannot."""
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' supports float32, float16 and bfloat16 inputs, got {q.dtype}; "
+                "use backend='reference' (or 'auto') for it"
+            )
+        if q.device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {q.device.type}) or the Triton interpreter "
+                "(TRITON_INTERPRET=1 set before lindiff is imported)"
+            )
+        return True
+    if q.device.type != "cuda":
+        return False
+    if not TRITON_AVAILABLE:
+        _log_once("linear_attention: triton is not installed; CUDA inputs run the PyTorch reference (slower)")
+        return False
+    if q.dtype not in TRITON_DTYPES:
+        _log_once(f"linear_attention: {q.dtype} inputs run the PyTorch reference; the kernels take 16/32-bit")
+        return False
+    return True
 
 
 def linear_attention(
@@ -67,6 +124,7 @@ def linear_attention(
     eps: float = 1e-4,
     layout: str = "bnhd",
     kv_scale: float | str = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Normalised non-causal linear attention ``o_i = phi(q_i) S / (phi(q_i) . z + eps)``.
 
@@ -80,12 +138,17 @@ def linear_attention(
         eps: added to the denominator.
         layout: ``"bnhd"`` or ``"bhnd"``; strided views are accepted as they are.
         kv_scale: a positive factor ``s`` on ``S`` and ``z``, or ``"mean"`` for ``s = 1 / N_k``.
+        backend: ``"auto"`` (Triton for CUDA tensors when Triton is installed, else the
+            reference), ``"triton"`` (the fused kernels; CUDA or ``TRITON_INTERPRET=1``; float32,
+            float16, bfloat16) or ``"reference"`` (plain PyTorch, any device, also float64).
 
     Returns:
         The attention output in the layout and dtype of ``q``, value dim ``D_v``.
     """
-    _check_inputs(q, k, v, feature_map, eps, layout, kv_scale)
+    _check_inputs(q, k, v, feature_map, eps, layout, kv_scale, backend)
     scale = None if kv_scale == "mean" else float(kv_scale)
+    if _use_triton(q, backend):
+        return linear_attention_op(q, k, v, feature_map, float(eps), layout, scale)[0]
     return linear_attention_reference(
         q, k, v, feature_map=feature_map, eps=float(eps), layout=layout, kv_scale=scale
     )

@@ -1,0 +1,201 @@
+"""`DistillConfig`: every option of a distillation run, validated in one place.
+
+The CLI builds its ``lindiff distill`` flags from these fields (their ``help`` metadata), so a
+new option added here appears on the command line too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..attention import create_method
+
+TRAINABLE = ("new", "attention", "lora")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LOG_WITH = ("auto", "none", "tensorboard", "wandb")
+DEFAULT_VALIDATION_PROMPTS = ("a photo of a red fox in the snow", "a watercolor painting of a lighthouse")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class DistillConfig:
+    """Options of a teacher -> linear-attention student distillation run.
+
+    Exactly one data source is used: ``image_folder`` (captioned images, encoded once by the
+    VAE) or ``prompts`` (the teacher samples latents for them with fixed seeds). Both are cached
+    under ``cache_dir`` keyed by a hash of everything that determines their content.
+    """
+
+    model: Any = field(metadata=_help("pipeline folder or hub id (or, in Python, a pipeline object)"))
+    output_dir: str | os.PathLike = field(
+        metadata=_help("run folder: checkpoints/, final/, metrics.jsonl, validation/")
+    )
+    method: str = field(default="linfusion", metadata=_help("attention method (see `lindiff methods`)"))
+    method_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("a method option, KEY=VALUE (repeatable; e.g. mid_dim=64)", flag="--method-option"),
+    )
+    weights: str | None = field(default=None, metadata=_help("start from these lindiff/LinFusion weights"))
+    trainable: str = field(
+        default="new",
+        metadata=_help(
+            "what trains: new (parameters linearize added), attention (+ self-attention q/k/v/out), "
+            "lora (+ LoRA adapters on those projections)",
+            choices=TRAINABLE,
+        ),
+    )
+    lora_rank: int = field(default=16, metadata=_help("LoRA rank when trainable=lora"))
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (default: the rank)"))
+
+    prompts: Any = field(
+        default=None, metadata=_help("text file with one prompt per line (in Python also a list)")
+    )
+    image_folder: str | None = field(
+        default=None, metadata=_help("folder of images with .txt captions or a metadata.jsonl")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("latent cache folder (default OUTPUT_DIR/cache)")
+    )
+    resolution: int = field(default=512, metadata=_help("training image size in pixels (square)"))
+    samples_per_prompt: int = field(default=1, metadata=_help("teacher samples per prompt (prompts data)"))
+    generation_steps: int = field(default=25, metadata=_help("teacher sampling steps (prompts data)"))
+    guidance_scale: float = field(default=7.5, metadata=_help("teacher guidance scale (prompts data)"))
+    generation_batch_size: int = field(default=4, metadata=_help("teacher sampling batch (prompts data)"))
+
+    max_steps: int = field(default=1000, metadata=_help("optimizer steps in total"))
+    batch_size: int = field(default=1, metadata=_help("samples per process and micro-step"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
+    learning_rate: float = field(default=1e-4, metadata=_help("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    lr_scheduler: str = field(
+        default="constant", metadata=_help("learning-rate schedule", choices=LR_SCHEDULERS)
+    )
+    lr_warmup_steps: int = field(default=0, metadata=_help("warm-up optimizer steps"))
+    max_grad_norm: float | None = field(default=1.0, metadata=_help("gradient clipping norm (none: off)"))
+    mixed_precision: str | None = field(
+        default=None,
+        metadata=_help(
+            "no, fp16 or bf16 (default: accelerate's launch config, else no)", choices=MIXED_PRECISION
+        ),
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    timestep_sampling: str = field(
+        default="uniform", metadata=_help("training timestep distribution", choices=TIMESTEP_SAMPLING)
+    )
+    logit_mean: float = field(default=0.0, metadata=_help("mean of logit_normal timestep sampling"))
+    logit_std: float = field(default=1.0, metadata=_help("std of logit_normal timestep sampling"))
+
+    diffusion_weight: float = field(default=1.0, metadata=_help("weight of the diffusion objective"))
+    output_weight: float = field(default=0.5, metadata=_help("weight of student-vs-teacher output MSE"))
+    attention_weight: float = field(default=0.5, metadata=_help("weight of per-layer attention output MSE"))
+    variance_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "weight of the learned-variance MSE (default: 0.5 if the model predicts variance, else 0)"
+        ),
+    )
+
+    seed: int = field(default=0, metadata=_help("seed of initialisation, data order, noise and timesteps"))
+    checkpoint_every: int = field(default=500, metadata=_help("save a checkpoint every this many steps"))
+    keep_checkpoints: int = field(default=3, metadata=_help("how many checkpoints to keep"))
+    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in OUTPUT_DIR"))
+    validation_every: int = field(
+        default=500, metadata=_help("teacher-vs-student image grid every N steps (0: off)")
+    )
+    validation_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS), metadata=_help("prompts of the grid")
+    )
+    validation_steps: int = field(default=10, metadata=_help("sampling steps of the grid"))
+    validation_size: int | None = field(default=None, metadata=_help("grid image size (default: resolution)"))
+    log_with: str = field(
+        default="auto",
+        metadata=_help(
+            "tracker: auto (tensorboard if installed), none, tensorboard, wandb", choices=LOG_WITH
+        ),
+    )
+    num_workers: int = field(default=0, metadata=_help("data-loading worker processes"))
+    cpu: bool = field(default=False, metadata=_help("train on the CPU even if a GPU is present"))
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self._check_choices()
+        self._check_numbers()
+        create_method(self.method, **self.method_options)  # unknown method/option -> ValueError
+        if (self.prompts is None) == (self.image_folder is None):
+            raise ValueError(
+                "give exactly one data source: prompts (a text file or list of prompts) or image_folder; "
+                f"got prompts={self.prompts!r}, image_folder={self.image_folder!r}"
+            )
+        if self.prompts is not None and not isinstance(self.prompts, (str, os.PathLike, list, tuple)):
+            raise TypeError(
+                f"prompts must be a file path or a list of strings, got {type(self.prompts).__name__}"
+            )
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            raise ValueError(f"image_folder={str(self.image_folder)!r} is not a folder")
+
+    def _check_choices(self) -> None:
+        choices = {
+            "trainable": (self.trainable, TRAINABLE),
+            "timestep_sampling": (self.timestep_sampling, TIMESTEP_SAMPLING),
+            "lr_scheduler": (self.lr_scheduler, LR_SCHEDULERS),
+            "log_with": (self.log_with, LOG_WITH),
+        }
+        if self.mixed_precision is not None:
+            choices["mixed_precision"] = (self.mixed_precision, MIXED_PRECISION)
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.method_options, dict):
+            raise TypeError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+
+    def _check_numbers(self) -> None:
+        positive = ("resolution", "samples_per_prompt", "generation_steps", "generation_batch_size")
+        positive += ("max_steps", "batch_size", "gradient_accumulation_steps", "lora_rank")
+        positive += ("checkpoint_every", "keep_checkpoints", "validation_steps")
+        non_negative = ("lr_warmup_steps", "validation_every", "num_workers", "weight_decay", "logit_std")
+        non_negative += ("diffusion_weight", "output_weight", "attention_weight")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in (*non_negative, "variance_weight", "max_grad_norm", "learning_rate"):
+            value = getattr(self, name)
+            if value is None and name in ("variance_weight", "max_grad_norm"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not (self.diffusion_weight or self.output_weight or self.attention_weight or self.variance_weight):
+            raise ValueError(
+                "all loss weights are 0: set diffusion_weight, output_weight or attention_weight > 0"
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.validation_size is not None and (
+            not isinstance(self.validation_size, int) or self.validation_size < 1
+        ):
+            raise ValueError(f"validation_size must be None or an integer >= 1, got {self.validation_size!r}")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir is not None else Path(self.output_dir) / "cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (a pipeline object given as ``model`` is recorded by its class name)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not isinstance(values["model"], (str, os.PathLike)):
+            values["model"] = f"<{type(values['model']).__name__} object>"
+        for key, value in values.items():
+            if isinstance(value, os.PathLike):
+                values[key] = str(value)
+            elif isinstance(value, tuple):
+                values[key] = list(value)
+        return values

@@ -1,0 +1,86 @@
+"""Validation grids: the teacher's and the student's samples for fixed prompts and seeds.
+
+The pipeline runs twice per prompt, once with its own (teacher) denoiser and once with the
+student swapped in; the teacher row is computed once per run. The PNG has the teacher in the
+top row and the student in the bottom row, one column per prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import make_image_grid
+from PIL import Image
+from torch import nn
+
+
+class Validator:
+    """Writes ``folder/step-XXXXXXXX.png`` grids of teacher vs student samples.
+
+    Args:
+        pipe: the pipeline (its ``role`` attribute is the teacher denoiser).
+        role: the pipeline attribute of the denoiser (``"unet"``, ``"transformer"``).
+        prompts: one column each; prompt ``i`` is sampled with seed ``seed + i``.
+        autocast: context-manager factory for mixed precision (``accelerator.autocast``).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        role: str,
+        prompts: list[str],
+        folder: Path,
+        seed: int,
+        steps: int,
+        size: int,
+        guidance_scale: float,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
+        self.pipe = pipe
+        self.role = role
+        self.prompts = prompts
+        self.folder = Path(folder)
+        self.seed = seed
+        self.steps = steps
+        self.size = size
+        self.guidance_scale = guidance_scale
+        self.autocast = autocast
+        self._teacher: list[Image.Image] | None = None
+
+    def _sample(self) -> list[Image.Image]:
+        images = []
+        for i, prompt in enumerate(self.prompts):
+            with self.autocast():
+                out = self.pipe(
+                    prompt=prompt,
+                    height=self.size,
+                    width=self.size,
+                    num_inference_steps=self.steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=torch.Generator().manual_seed(self.seed + i),
+                    output_type="pil",
+                )
+            images.append(out.images[0])
+        return images
+
+    def run(self, student: nn.Module, step: int) -> Path:
+        """Sample with the teacher (once) and with ``student``; returns the grid's path."""
+        if self._teacher is None:
+            self._teacher = self._sample()
+        teacher = getattr(self.pipe, self.role)
+        was_training = student.training
+        student.eval()
+        setattr(self.pipe, self.role, student)
+        try:
+            student_images = self._sample()
+        finally:
+            setattr(self.pipe, self.role, teacher)
+            student.train(was_training)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:08d}.png"
+        make_image_grid([*self._teacher, *student_images], rows=2, cols=len(self.prompts)).save(path)
+        return path

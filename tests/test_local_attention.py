@@ -1,0 +1,392 @@
+"""Local (windowed) attention: chunked and FlexAttention paths against the dense reference."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from lindiff.kernels import local_attention
+from lindiff.kernels.local_attention import (
+    clear_plan_cache,
+    local_attention_reference,
+    merge_attention_states,
+    plan_cache_info,
+    window_mask,
+)
+from lindiff.kernels.local_attention.chunked import local_attention_chunked
+from lindiff.kernels.local_attention.flex import PLAN_CACHE_SIZE, build_plan, get_plan, local_attention_flex
+from lindiff.kernels.local_attention.reference import as_grid3, radius_threshold
+from lindiff.kernels.local_attention.tiling import (
+    BLOCK_SIZE,
+    TileLayout,
+    block_structure,
+    choose_tile,
+    count_blocks,
+    tile_order,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+CPU = torch.device("cpu")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(grid, num_global=0, layout="bnhd", batch=2, heads=3, dim=8, dim_v=None, dtype=torch.float32):
+    """q, k, v and global_kv; ``"bhnd"`` inputs are strided views of ``"bnhd"`` tensors."""
+    n = math.prod(grid)
+    dim_v = dim if dim_v is None else dim_v
+
+    def tensor(tokens, d):
+        x = torch.randn(batch, tokens, heads, d, dtype=dtype)
+        return x.transpose(1, 2) if layout == "bhnd" else x
+
+    q, k, v = tensor(n, dim), tensor(n, dim), tensor(n, dim_v)
+    global_kv = (tensor(num_global, dim), tensor(num_global, dim_v)) if num_global else None
+    return q, k, v, global_kv
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# (grid, radius, global tokens)
+CASES = [
+    ((6, 6), 0, 0),
+    ((6, 6), 1, 0),
+    ((5, 7), 1.5, 2),
+    ((3, 16), 2.5, 1),
+    ((4, 4), 10, 0),
+    ((4, 4), math.inf, 3),
+    ((2, 4, 5), 1, 0),
+    ((2, 4, 5), 1.8, 1),
+    ((1, 1), 0, 1),
+    ((19, 23), 3.2, 4),
+    ((5, 9, 7), 2, 2),
+]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize(("grid", "radius", "num_global"), CASES)
+def test_chunked_matches_reference(grid, radius, num_global, layout):
+    q, k, v, global_kv = make_inputs(grid, num_global, layout, dim_v=5)
+    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, global_kv, layout, return_lse=True)
+    out, lse = local_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        radius=radius,
+        global_kv=global_kv,
+        layout=layout,
+        backend="chunked",
+        return_lse=True,
+    )
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert rel_err(out, ref) < TOL[torch.float32] and rel_err(lse, ref_lse) < TOL[torch.float32]
+    # A small score budget forces many query boxes (single cells on small grids); same result.
+    grid3 = as_grid3(grid)
+    budget = 1 if math.prod(grid) <= 64 else 20_000
+    small = local_attention_chunked(
+        q, k, v, grid3, radius_threshold(radius, grid3), global_kv, 8**-0.5, layout, budget=budget
+    )
+    assert rel_err(small, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    ("grid", "radius", "num_global", "layout", "tile"),
+    [
+        ((5, 7), 1.5, 0, "bnhd", None),
+        ((3, 16), 2, 1, "bhnd", None),
+        ((2, 4, 5), 1, 1, "bnhd", None),
+        ((4, 4), 10, 0, "bhnd", None),
+        ((20, 20), 3, 130, "bnhd", (8, 16)),
+        ((4, 12, 11), 2.3, 0, "bhnd", (2, 8, 8)),
+    ],
+)
+def test_flex_matches_reference_on_cpu(grid, radius, num_global, layout, tile):
+    """FlexAttention's eager CPU path runs the tiling, padding, global blocks and mask_mod."""
+    q, k, v, global_kv = make_inputs(grid, num_global, layout, batch=1, heads=2)
+    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, global_kv, layout, return_lse=True)
+    out, lse = local_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        radius=radius,
+        global_kv=global_kv,
+        layout=layout,
+        backend="flex",
+        tile=tile,
+        return_lse=True,
+    )
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape
+    assert rel_err(out, ref) < TOL[torch.float32] and rel_err(lse, ref_lse) < TOL[torch.float32]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend needs a C++ compiler"
+)
+def test_compiled_flex_runs_the_block_mask_on_cpu():
+    """torch.compile(flex_attention) on CPU executes the block-sparse plan (forward only there)."""
+    for grid, radius, num_global in [((1, 40, 40), 6.5, 0), ((1, 40, 40), 3, 0), ((2, 12, 16), 2, 77)]:
+        q, k, v, global_kv = make_inputs(grid, num_global, batch=1, heads=2, dim=16)
+        r2 = radius_threshold(radius, grid)
+        out = local_attention_flex(q, k, v, grid, r2, choose_tile(grid, r2), global_kv, 0.25, compiled=True)
+        ref = local_attention_reference(q, k, v, grid, radius, global_kv, scale=0.25)
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def kernel_mask(block_mask):
+    """The ``(L_q, L_kv)`` mask a fused kernel applies: listed partial blocks through ``mask_mod``,
+    listed full blocks unmasked, every other block skipped."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    lq, lkv = block_mask.seq_lengths
+    token = block_mask.mask_mod(0, 0, torch.arange(lq)[:, None], torch.arange(lkv)[None, :])
+    out = torch.zeros(lq, lkv, dtype=torch.bool)
+    partial = block_mask.kv_indices[0, 0], block_mask.kv_num_blocks[0, 0]
+    full = block_mask.full_kv_indices[0, 0], block_mask.full_kv_num_blocks[0, 0]
+    for i in range(lq // q_block):
+        rows = slice(i * q_block, (i + 1) * q_block)
+        listed_partial = set(partial[0][i, : partial[1][i]].tolist())
+        listed_full = set(full[0][i, : full[1][i]].tolist())
+        assert not listed_partial & listed_full
+        for j in listed_partial:
+            out[rows, j * kv_block : (j + 1) * kv_block] = token[rows, j * kv_block : (j + 1) * kv_block]
+        for j in listed_full:
+            out[rows, j * kv_block : (j + 1) * kv_block] = True
+    return out
+
+
+@pytest.mark.parametrize(
+    ("grid", "radius", "num_global", "tile"),
+    [
+        ((40, 50), 7.5, 0, None),
+        ((40, 50), 7.5, 77, (16, 8)),
+        ((32, 32), 12, 256, None),
+        ((24, 24), 0, 1, None),
+        ((10, 12), 100, 3, None),
+        ((3, 16), 1.5, 0, (2, 64)),
+        ((6, 20, 20), 3, 5, None),
+        ((5, 16, 16), 2.5, 0, (4, 4, 8)),
+    ],
+)
+def test_block_mask_structure_matches_dense_mask(grid, radius, num_global, tile):
+    """Every pair the dense mask needs is in a listed block, and full blocks are really full."""
+    grid3 = as_grid3(grid)
+    r2 = radius_threshold(radius, grid3)
+    tile3 = choose_tile(grid3, r2) if tile is None else as_grid3(tile)
+    plan = build_plan(grid3, r2, tile3, num_global, CPU)
+    layout = TileLayout(grid3, tile3)
+    gather, _, _, valid = tile_order(layout)
+
+    dense = window_mask(grid, radius)[gather][:, gather] & valid[None, :]
+    global_cols = torch.arange(plan.global_padded) < num_global
+    expected = torch.cat([dense, global_cols.expand(len(gather), -1)], dim=1)
+    got = kernel_mask(plan.block_mask)
+    assert torch.equal(got[valid], expected[valid])
+
+    # Listed partial blocks of grid keys are never empty where no padding is involved.
+    if all(g % t == 0 for g, t in zip(grid3, tile3, strict=True)):
+        num, idx, _, _ = block_structure(layout, r2)
+        block = layout.block_size
+        for i in range(layout.num_blocks):
+            for j in idx[i, : num[i]].tolist():
+                assert dense[i * block : (i + 1) * block, j * block : (j + 1) * block].any()
+
+
+def test_tiling_order_and_counts():
+    layout = TileLayout((3, 10, 13), (2, 8, 8))
+    gather, scatter, coords, valid = tile_order(layout)
+    assert torch.equal(gather[scatter], torch.arange(layout.num_tokens))
+    assert int(valid.sum()) == layout.num_tokens and len(gather) == layout.num_padded
+    assert torch.equal(
+        coords[scatter],
+        torch.stack(torch.meshgrid(*map(torch.arange, (3, 10, 13)), indexing="ij"), -1).reshape(-1, 3),
+    )
+    for grid, radius in [((1, 64, 64), 8), ((1, 48, 80), 5.5), ((4, 32, 32), 3)]:
+        r2 = radius_threshold(radius, grid)
+        tile = choose_tile(grid, r2)
+        assert math.prod(tile) == BLOCK_SIZE and (grid[0] > 1 or tile[0] == 1)
+        num, _, full_num, _ = block_structure(TileLayout(grid, tile), r2)
+        assert int(num.sum() + full_num.sum()) == sum(count_blocks(grid, tile, r2))
+    # Compact tiles beat row-major blocks (two 64-token rows) on a 64 x 64 grid.
+    r2 = radius_threshold(8, (1, 64, 64))
+    assert sum(count_blocks((1, 64, 64), choose_tile((1, 64, 64), r2), r2)) < sum(
+        count_blocks((1, 64, 64), (1, 2, 64), r2)
+    )
+
+
+def test_radius_threshold_is_exact_at_integer_distances():
+    assert radius_threshold(math.sqrt(2), (1, 5, 5)) == 2
+    assert radius_threshold(1.4142, (1, 5, 5)) == 1
+    assert radius_threshold(math.sqrt(5), (1, 5, 5)) == 5
+    assert radius_threshold(1e9, (2, 3, 4)) == radius_threshold(math.inf, (2, 3, 4)) == 1 + 4 + 9
+    mask = window_mask((5, 5), 0)
+    assert torch.equal(mask, torch.eye(25, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["chunked", "flex"])
+def test_dtypes(dtype, backend):
+    grid = (6, 9)
+    q, k, v, global_kv = make_inputs(grid, 2, "bnhd", batch=1, heads=2, dim=16, dtype=dtype)
+    ref = local_attention_reference(
+        *(t.float() for t in (q, k, v)), grid, 2.2, tuple(t.float() for t in global_kv)
+    )
+    out = local_attention(q, k, v, grid=grid, radius=2.2, global_kv=global_kv, backend=backend)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize(("grid", "radius", "num_global"), [((7, 9), 2, 3), ((3, 4, 5), 1.5, 0)])
+def test_chunked_gradients_match_reference(grid, radius, num_global, layout):
+    inputs = make_inputs(grid, num_global, layout, batch=2, heads=2, dim=6, dim_v=4, dtype=torch.float64)
+    q, k, v, global_kv = inputs
+    leaves = [q, k, v, *(global_kv or ())]
+    for t in leaves:
+        t.requires_grad_(True)
+    out, lse = local_attention(
+        q, k, v, grid=grid, radius=radius, global_kv=global_kv, layout=layout, scale=0.3, return_lse=True
+    )
+    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, global_kv, layout, 0.3, return_lse=True)
+    grad_out, grad_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
+    got = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
+    want = torch.autograd.grad((ref * grad_out).sum() + (ref_lse * grad_lse).sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_return_lse_merges_window_and_global_parts():
+    """Window-only and global-only attentions, merged through their lse, equal the joint softmax."""
+    grid = (8, 10)
+    q, k, v, (k_g, v_g) = make_inputs(grid, 5, "bnhd")
+    joint, joint_lse = local_attention(q, k, v, grid=grid, radius=2, global_kv=(k_g, v_g), return_lse=True)
+    window, window_lse = local_attention(q, k, v, grid=grid, radius=2, return_lse=True)
+    scores = torch.einsum("bnhd,bmhd->bnhm", q, k_g) * q.shape[-1] ** -0.5
+    glob = torch.einsum("bnhm,bmhe->bnhe", scores.softmax(-1), v_g)
+    merged, merged_lse = merge_attention_states([window, glob], [window_lse, scores.logsumexp(-1)])
+    assert rel_err(merged, joint) < 1e-5 and rel_err(merged_lse, joint_lse) < 1e-6
+
+    # A part in which a query saw no key (lse = -inf) is ignored, even with a NaN output.
+    empty = torch.full_like(window, math.nan)
+    again, again_lse = merge_attention_states(
+        [window, empty], [window_lse, torch.full_like(window_lse, -math.inf)]
+    )
+    assert torch.equal(again, window) and torch.equal(again_lse, window_lse)
+    with pytest.raises(ValueError, match="lse"):
+        merge_attention_states([window], [window_lse[..., 0]])
+
+
+def test_plan_cache_alternates_resolutions_and_stays_bounded():
+    clear_plan_cache()
+    small, large = (1, 5, 7), (1, 12, 12)
+    for _ in range(3):
+        for grid in (small, large):
+            plan = get_plan(grid, 2, choose_tile(grid, 2), 0, CPU)
+            assert len(plan.scatter) == math.prod(grid)
+    info = plan_cache_info()
+    assert (info.misses, info.hits) == (2, 4)
+    for width in range(1, PLAN_CACHE_SIZE + 4):
+        get_plan((1, 3, width), 1, (1, 8, 16), 0, CPU)
+    assert plan_cache_info().currsize == plan_cache_info().maxsize == PLAN_CACHE_SIZE
+
+    # The public function goes through the same cache; the second call at a geometry is a hit.
+    clear_plan_cache()
+    q, k, v, _ = make_inputs((4, 6), batch=1, heads=1)
+    first = local_attention(q, k, v, grid=(4, 6), radius=1, backend="flex")
+    second = local_attention(q, k, v, grid=(4, 6), radius=1.2, backend="flex")  # same integer threshold
+    assert torch.equal(first, second)
+    assert (plan_cache_info().misses, plan_cache_info().hits) == (1, 1)
+
+
+def bad_call(**changes):
+    q, k, v, global_kv = make_inputs((4, 5), 2)
+    args = {"q": q, "k": k, "v": v, "grid": (4, 5), "radius": 1, "global_kv": global_kv}
+    args.update(changes)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    return local_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"layout": "nhd"}, ValueError, r"layout must be one of \('bnhd', 'bhnd'\), got 'nhd'"),
+        (
+            {"backend": "triton"},
+            ValueError,
+            r"backend must be one of \('auto', 'flex', 'chunked'\), got 'triton'",
+        ),
+        ({"grid": (4, 4)}, ValueError, r"grid \(4, 4\) has 16 cells but q, k, v have 20 tokens"),
+        ({"grid": (20,)}, ValueError, r"grid must be \(H, W\) or \(T, H, W\) of positive ints, got \(20,\)"),
+        ({"grid": (4.0, 5)}, ValueError, "grid must be"),
+        ({"radius": -1}, ValueError, "radius must be a number >= 0"),
+        ({"radius": math.nan}, ValueError, "radius must be a number >= 0"),
+        ({"radius": "3"}, ValueError, "radius must be a number >= 0"),
+        ({"scale": 0}, ValueError, "scale must be a positive finite number or None"),
+        ({"tile": (8, 8)}, ValueError, "tile must be 2 positive ints .* multiple of 128"),
+        ({"return_lse": 1}, TypeError, "return_lse must be a bool"),
+        ({"q": torch.randn(2, 20, 3)}, ValueError, r"q must be 4-D \('bnhd' layout\)"),
+        ({"k": torch.randn(2, 21, 3, 8)}, ValueError, "k must have q's batch, tokens and heads"),
+        ({"v": torch.randn(2, 20, 3, 8).half()}, TypeError, "q, k, v must share a dtype"),
+        ({"q": torch.randn(2, 20, 3, 4)}, ValueError, "q and k head dims differ: 4 vs 8"),
+        ({"q": [1.0]}, TypeError, "q must be a torch.Tensor, got list"),
+        ({"global_kv": torch.randn(2, 2, 3, 8)}, TypeError, r"global_kv must be a pair \(k_g, v_g\) or None"),
+        (
+            {"global_kv": (torch.randn(2, 2, 3, 8), torch.randn(2, 3, 3, 8))},
+            ValueError,
+            "global_kv token counts differ",
+        ),
+        (
+            {"global_kv": (torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))},
+            ValueError,
+            r"global_kv\[0\] \(k_g\) must have q's batch 2 and heads 3",
+        ),
+    ],
+)
+def test_validation_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        bad_call(**changes)
+
+
+def test_integer_dtype_is_rejected():
+    q = torch.ones(1, 4, 1, 2, dtype=torch.int64)
+    with pytest.raises(
+        TypeError, match=r"q, k, v must be float32, float16, bfloat16 or float64, got torch\.int64"
+    ):
+        local_attention(q, q, q, grid=(2, 2), radius=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_global", [0, 77])
+def test_compiled_flex_matches_reference_on_cuda(dtype, num_global):
+    grid, radius = (64, 64), 16
+    q, k, v, global_kv = make_inputs(grid, num_global, "bnhd", batch=1, heads=4, dim=64, dtype=dtype)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    global_kv = None if global_kv is None else tuple(t.cuda() for t in global_kv)
+    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, global_kv, return_lse=True)
+    out, lse = local_attention(q, k, v, grid=grid, radius=radius, global_kv=global_kv, return_lse=True)
+    assert out.dtype == dtype and rel_err(out, ref) < 5 * TOL[dtype]
+    assert rel_err(lse, ref_lse) < 1e-3
+
+
+@pytest.mark.gpu
+def test_compiled_flex_gradients_on_cuda():
+    grid, radius = (32, 40), 6.5
+    inputs = make_inputs(grid, 9, "bhnd", batch=1, heads=2, dim=64, dtype=torch.float32)
+    leaves = [t.cuda().requires_grad_(True) for t in (*inputs[:3], *inputs[3])]
+    q, k, v, k_g, v_g = leaves
+    out = local_attention(
+        q, k, v, grid=grid, radius=radius, global_kv=(k_g, v_g), layout="bhnd", backend="flex"
+    )
+    ref = local_attention_reference(q, k, v, grid, radius, (k_g, v_g), "bhnd")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad((out * grad).sum(), leaves)
+    want = torch.autograd.grad((ref * grad).sum(), leaves)
+    assert rel_err(out, ref) < 1e-4
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-3
