@@ -1,8 +1,9 @@
 """One denoising step of an SD 1.5-architecture UNet: softmax (SDPA) vs LinFusion linear attention.
 
 The UNet is built from the SD 1.5 config with random weights (speed does not depend on the
-weights). For every image size both variants run in the same process, interleaved, and the
-ratio linear / softmax of the median step time and of the peak memory is reported:
+weights). For every image size the variants run in the same process, interleaved: softmax,
+LinFusion (q/k MLPs + linear attention) and linear attention alone (``mid_dim=0``); the ratios
+variant / softmax of the median step time and of the peak memory are reported:
 
     python bench/unet_step.py                  # 512, 768, 1024, 1536 px
     python bench/unet_step.py --quick          # 512 and 1024 px, fewer runs
@@ -39,6 +40,9 @@ SD15_UNET = dict(
     attention_head_dim=8,
 )
 TEXT_TOKENS = 77
+# Converted variants, each timed against softmax in the same run: LinFusion as released (q/k MLPs
+# as wide as the layer) and its attention alone (no MLPs), the cost floor of the method.
+VARIANTS = {"linfusion": {}, "linear_only": {"mid_dim": 0}}
 
 
 class PeakMemory:
@@ -140,32 +144,35 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"SD 1.5 UNet step on {device_label(device)}, {dtype}, batch {args.batch}, median of {args.repeats}"
     )
-    print(
-        f"{'size':>6} {'tokens':>7} {'softmax s':>10} {'linear s':>9} {'time':>6} {'softmax MiB':>12} {'linear MiB':>11} {'mem':>6}"
-    )
+    header = f"{'size':>6} {'tokens':>7} {'softmax s':>10}"
+    for name in VARIANTS:
+        header += f" {name + ' s':>18} {'x':>6}"
+    print(header + f" {'softmax MiB':>12} {'linfusion MiB':>14} {'mem':>6}")
     for size in args.sizes:
         inputs = step_inputs(size, args.batch, device, dtype)
-        softmax = measure(unet, inputs, args.repeats, memory)
-        lindiff.linearize(unet)
-        linear = measure(unet, inputs, args.repeats, memory)
-        lindiff.restore(unet)
         row = {
             "size": size,
             "tokens": (size // 8) ** 2,
-            "softmax": softmax,
-            "linear": linear,
-            "time_ratio": linear["median_s"] / softmax["median_s"],
-            "memory_ratio": linear["peak_mib"] / softmax["peak_mib"],
+            "softmax": measure(unet, inputs, args.repeats, memory),
         }
+        line = f"{size:>6} {row['tokens']:>7} {row['softmax']['median_s']:>10.3f}"
+        for name, options in VARIANTS.items():
+            lindiff.linearize(unet, **options)
+            row[name] = measure(unet, inputs, args.repeats, memory)
+            lindiff.restore(unet)
+            row[f"{name}_time_ratio"] = row[name]["median_s"] / row["softmax"]["median_s"]
+            row[f"{name}_memory_ratio"] = row[name]["peak_mib"] / row["softmax"]["peak_mib"]
+            line += f" {row[name]['median_s']:>18.3f} {row[f'{name}_time_ratio']:>6.3f}"
         rows.append(row)
         print(
-            f"{size:>6} {row['tokens']:>7} {softmax['median_s']:>10.3f} {linear['median_s']:>9.3f} "
-            f"{row['time_ratio']:>6.3f} {softmax['peak_mib']:>12.0f} {linear['peak_mib']:>11.0f} {row['memory_ratio']:>6.3f}"
+            line + f" {row['softmax']['peak_mib']:>12.0f} {row['linfusion']['peak_mib']:>14.0f}"
+            f" {row['linfusion_memory_ratio']:>6.3f}"
         )
 
     result = {
         "benchmark": "unet_step",
-        "description": "one SD 1.5-architecture UNet step, LinFusion (linear) vs SDPA (softmax); ratios are linear/softmax",
+        "description": "one SD 1.5-architecture UNet step: SDPA (softmax) vs LinFusion (q/k MLPs of the layer's width + "
+        "linear attention) and linear attention alone (mid_dim=0); ratios are variant / softmax",
         "environment": environment(),
         "device": device_label(device),
         "config": {"dtype": str(dtype), "batch": args.batch, "repeats": args.repeats, "unet": SD15_UNET},

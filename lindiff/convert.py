@@ -114,7 +114,7 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
     for layer in layers:
         method.convert_layer(layer)
         setattr(layer.module, GRID_ATTRIBUTE, grid)
-        state.processors[layer.name] = method.processor(layer)
+        state.processors[layer.name] = adapter.processor(layer)
         layer.module.set_processor(state.processors[layer.name])
     handle = model.register_forward_pre_hook(GridRecorder(state), with_kwargs=True)
     state.hook_id = handle.id

@@ -7,7 +7,7 @@ import tiny_models
 import torch
 
 import lindiff
-from lindiff.attention.linfusion import LinFusionAttnProcessor
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 
@@ -39,7 +39,7 @@ def test_linearize_a_pipeline_whose_unet_is_compiled():
     original = pipe.unet._orig_mod
     assert get_state(original) is not None
     attn = original.mid_block.attentions[0].transformer_blocks[0].attn1
-    assert isinstance(attn.processor, LinFusionAttnProcessor)
+    assert isinstance(attn.processor, SelfAttnProcessor)
 
     compiled = tiny_models.run(pipe)
     pipe.unet = original

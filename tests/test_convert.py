@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import lindiff
-from lindiff.attention.linfusion import LinFusionAttnProcessor
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 
@@ -46,7 +46,7 @@ def test_linearize_converts_self_attention_only_and_keeps_projections():
     self_layers = attention_layers(unet, "attn1")
     assert len(self_layers) == 7  # one per down block, the mid block, two per up block
     for name, module in self_layers.items():
-        assert isinstance(module.processor, LinFusionAttnProcessor)
+        assert isinstance(module.processor, SelfAttnProcessor)
         assert (module.to_q, module.to_k, module.to_v, module.to_out[0]) == projections[name]
     for name, module in attention_layers(unet, "attn2").items():
         assert module.processor is cross[name]
@@ -104,7 +104,7 @@ def test_deepcopy_gives_an_independent_student():
     lindiff.restore(twin)
     assert get_state(student) is not None
     assert isinstance(
-        student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, LinFusionAttnProcessor
+        student.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, SelfAttnProcessor
     )
 
 

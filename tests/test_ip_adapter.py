@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IP
 from torch import nn
 
 import lindiff
-from lindiff.attention.linfusion import LinFusionAttnProcessor
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 IMAGE_EMBED_DIM = 12
@@ -96,7 +96,7 @@ def test_linear_self_attention_survives_load_ip_adapter(softmax_outputs):
 
     with processors_used(pipe.unet) as used:
         out = run(pipe)
-    assert used == {"attn1": {LinFusionAttnProcessor}, "attn2": {IPAdapterAttnProcessor2_0}}
+    assert used == {"attn1": {SelfAttnProcessor}, "attn2": {IPAdapterAttnProcessor2_0}}
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     assert (out - converted).abs().max() > 1e-3  # the IP-Adapter acts
     assert (out - softmax_outputs["ip"]).abs().max() > 1e-4  # self-attention is linear
@@ -114,7 +114,7 @@ def test_ip_adapter_loaded_before_linearize():
     lindiff.linearize(pipe)
     with processors_used(pipe.unet) as used:
         out = run(pipe)
-    assert used == {"attn1": {LinFusionAttnProcessor}, "attn2": {IPAdapterAttnProcessor2_0}}
+    assert used == {"attn1": {SelfAttnProcessor}, "attn2": {IPAdapterAttnProcessor2_0}}
 
     after = lindiff.linearize(tiny_models.sd_pipeline())
     load_ip_adapter(after)
@@ -130,7 +130,7 @@ def test_unload_ip_adapter_keeps_linear_attention(softmax_outputs):
 
     with processors_used(pipe.unet) as used:
         out = run(pipe, with_image=False)
-    assert used == {"attn1": {LinFusionAttnProcessor}, "attn2": {AttnProcessor2_0}}
+    assert used == {"attn1": {SelfAttnProcessor}, "attn2": {AttnProcessor2_0}}
     assert torch.equal(out, converted)
 
     lindiff.restore(pipe)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lindiff
-from lindiff.attention.linfusion import LinFusionAttnProcessor
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.state import PROJECTIONS, base_linear, get_state
 
 ADAPTER = "style"
@@ -53,7 +53,7 @@ def assert_lora_on_converted_layers(pipe: StableDiffusionPipeline) -> None:
     """Each converted layer runs LinFusion, its four projections are PEFT-wrapped, its MLPs are not."""
     state = get_state(pipe.unet)
     for name, attn in state.layers.items():
-        assert isinstance(attn.processor, LinFusionAttnProcessor), name
+        assert isinstance(attn.processor, SelfAttnProcessor), name
         for projection in PROJECTIONS:
             assert isinstance(attn.get_submodule(projection), BaseTunerLayer), f"{name}.{projection}"
         assert not any(isinstance(m, BaseTunerLayer) for m in attn.lindiff.modules()), name
@@ -76,7 +76,7 @@ def test_lora_after_linearize_scales_and_unloads(lora_folder, outputs):
     pipe.unload_lora_weights()
     attn = next(iter(get_state(pipe.unet).layers.values()))
     assert all(type(attn.get_submodule(p)) is nn.Linear for p in PROJECTIONS)
-    assert isinstance(attn.processor, LinFusionAttnProcessor)
+    assert isinstance(attn.processor, SelfAttnProcessor)
     torch.testing.assert_close(tiny_models.run(pipe), outputs["converted"], rtol=0, atol=1e-6)
 
 

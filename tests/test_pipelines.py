@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnPro
 from safetensors.torch import load_file
 
 import lindiff
-from lindiff.attention.linfusion import LinFusionAttnProcessor
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.convert import denoisers
 from lindiff.state import get_state
 
@@ -60,7 +60,7 @@ def assert_converted(pipe: Any, roles: list[str], latent: tuple[int, int, int] |
         state = get_state(model)
         attn1 = {name for name, _ in model.named_modules() if name.endswith("attn1")}
         assert attn1 and set(state.layers) == attn1, role
-        assert all(isinstance(m.processor, LinFusionAttnProcessor) for m in state.layers.values()), role
+        assert all(isinstance(m.processor, SelfAttnProcessor) for m in state.layers.values()), role
         assert state.grid.latent == latent, role
 
 
@@ -122,7 +122,7 @@ def test_processors_replaced_after_linearize_are_put_back(caplog):
 
     with caplog.at_level(logging.INFO, logger="lindiff.convert"):
         sliced = tiny_models.run(pipe)
-    assert all(isinstance(m.processor, LinFusionAttnProcessor) for m in state.layers.values())
+    assert all(isinstance(m.processor, SelfAttnProcessor) for m in state.layers.values())
     # Only the VAE's (sliced) softmax attention differs, by rounding.
     torch.testing.assert_close(sliced, expected, rtol=0, atol=1e-5)
     messages = [r.getMessage() for r in caplog.records if "processor back" in r.getMessage()]

@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention
 
 import lindiff
 from lindiff.attention import LayerInfo, create_method
+from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.grid import TokenGrid
 from lindiff.state import get_state
 
@@ -47,7 +48,7 @@ def linfusion_attention(dtype: torch.dtype, dim: int = 64, heads: int = 4) -> At
     method = create_method("linfusion")
     layer = LayerInfo(name="attn1", module=attn, kind="self", grid=TokenGrid())
     method.convert_layer(layer)
-    attn.set_processor(method.processor(layer))
+    attn.set_processor(SelfAttnProcessor())
     with torch.no_grad():
         for mlp in (attn.lindiff.q_mlp, attn.lindiff.k_mlp):
             mlp[3].weight.normal_(0, 0.05)

@@ -6,9 +6,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..attention.base import LayerInfo
+from ..attention.processors import SelfAttnProcessor
 from ..grid import TokenGrid
 
 
@@ -17,7 +17,8 @@ class ModelAdapter:
 
     Subclasses set ``name`` (the family, recorded in saved weights), ``role`` (the pipeline
     attribute the denoiser usually sits in: ``"unet"``, ``"transformer"``, ``"controlnet"``) and
-    implement :meth:`handles`, :meth:`layers` and :meth:`record_grid`.
+    implement :meth:`handles`, :meth:`layers` and :meth:`record_grid`; families with joint
+    attention also override :meth:`processor`.
     """
 
     name: ClassVar[str]
@@ -40,13 +41,11 @@ class ModelAdapter:
         """Fill ``grid`` from the arguments of a denoiser call."""
         raise NotImplementedError
 
-    def install_grid_hook(self, model: nn.Module, grid: TokenGrid) -> RemovableHandle:
-        """Register a pre-forward hook on ``model`` that records each call's grid."""
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self.record_grid(grid, args, kwargs)
-
-        return model.register_forward_pre_hook(hook, with_kwargs=True)
+    def processor(self, layer: LayerInfo) -> Any:
+        """The processor of a converted layer (stateless; it calls the method's mixer)."""
+        if layer.kind != "self":
+            raise NotImplementedError(f"{type(self).__name__} has no processor for {layer.kind!r} layers")
+        return SelfAttnProcessor()
 
 
 def first_tensor_argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> torch.Tensor:

@@ -8,14 +8,63 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.models.attention_processor import Attention
+from torch import nn
 
-from ..grid import TokenGrid
+from ..grid import GridShape, TokenGrid
 
 # Name of the submodule a method adds to each converted ``Attention``. Keeping everything new
 # under one child leaves ``to_q/to_k/to_v/to_out`` untouched for LoRA, and `restore` removes it.
 ADDED_MODULE = "lindiff"
 # Plain attribute holding the model's shared TokenGrid on each converted ``Attention``.
 GRID_ATTRIBUTE = "lindiff_grid"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Where the image tokens of one attention call sit in its sequence, and their grid.
+
+    Attributes:
+        image: the slice of the sequence holding image tokens; everything else is text (joint
+            attention: SD3 puts text after the image, FLUX before).
+        source: the model's TokenGrid, which places the image tokens on a ``(T, H, W)`` grid.
+    """
+
+    image: slice
+    source: TokenGrid | None = None
+
+    @property
+    def num_image(self) -> int:
+        return self.image.stop - self.image.start
+
+    @property
+    def grid(self) -> GridShape:
+        """``(T, H, W)`` of the image tokens; resolved on demand (only grid-aware methods ask)."""
+        if self.source is None:
+            raise RuntimeError(
+                "this attention layer has no token grid (it was not converted by lindiff.linearize)"
+            )
+        return self.source.resolve(self.num_image)
+
+
+class TokenMixer(nn.Module):
+    """What a method adds under ``attn.lindiff``: the attention math, and hooks on the q/k inputs.
+
+    The processors in :mod:`lindiff.attention.processors` run the original layer's projections,
+    norms and rotary embeddings, then call :meth:`forward` in place of softmax attention, so one
+    method works on every layer shape (UNet, PixArt, SD3 joint, FLUX double and single blocks).
+    """
+
+    def query_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform the hidden states ``(B, N, C)`` that ``to_q`` projects (identity by default)."""
+        return x
+
+    def key_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform the hidden states ``(B, N, C)`` that ``to_k`` projects (identity by default)."""
+        return x
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """Attention of ``q, k, v`` ``(B, N, H, D)`` (text and image tokens together); returns ``(B, N, H, D_v)``."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -41,10 +90,9 @@ class AttentionMethod:
     """Base class of a registered attention method.
 
     A subclass sets ``name``, ``options_cls`` (a dataclass of its options with defaults) and
-    ``kinds`` (the layer kinds it converts), and implements :meth:`convert_layer` and
-    :meth:`processor`. Processors must be stateless and constructible with no arguments
-    (IP-Adapter loading re-creates them with ``cls()``): everything they need lives on the
-    ``Attention`` module, under :data:`ADDED_MODULE`.
+    ``kinds`` (the layer kinds it converts), and implements :meth:`convert_layer`, which puts a
+    :class:`TokenMixer` under :data:`ADDED_MODULE` on the layer. The processor around it is the
+    model family's (see :meth:`lindiff.adapters.ModelAdapter.processor`).
     """
 
     name: ClassVar[str]
@@ -64,11 +112,7 @@ class AttentionMethod:
         return dataclasses.asdict(self.options)
 
     def convert_layer(self, layer: LayerInfo) -> None:
-        """Add this method's new submodule (if any) to ``layer.module``; never touch its projections."""
-        raise NotImplementedError
-
-    def processor(self, layer: LayerInfo) -> Any:
-        """The processor instance for a converted layer."""
+        """Put this method's :class:`TokenMixer` on ``layer.module``; never touch its projections."""
         raise NotImplementedError
 
     @staticmethod

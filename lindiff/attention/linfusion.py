@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention_processor import Attention
+import torch.nn.functional as F
 from torch import nn
 
 from lindiff.kernels import linear_attention
 
-from .base import ADDED_MODULE, AttentionMethod, LayerInfo
-from .common import begin_attention, end_attention, reject_attention_mask, split_heads
+from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
 
 @dataclass
@@ -54,13 +53,28 @@ def residual_mlp(dim: int, mid_dim: int) -> nn.Sequential:
     return mlp
 
 
-class LinFusionModules(nn.Module):
-    """The parameters LinFusion adds to one ``Attention``: residual MLPs on the q and k inputs.
+def add_residual_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``x + mlp(x)`` for ``x`` ``(..., dim)``, with the residual added inside the last GEMM.
+
+    The LeakyReLU runs in place on the LayerNorm output (whose backward does not need it). A
+    last layer that is not a plain ``nn.Linear`` (e.g. wrapped by PEFT) is called as a module.
+    """
+    hidden = F.leaky_relu_(mlp[1](mlp[0](x)), mlp[2].negative_slope)
+    last = mlp[3]
+    if type(last) is not nn.Linear:
+        return x + last(hidden)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(flat + last.bias, hidden.reshape(-1, hidden.shape[-1]), last.weight.t())
+    return out.view(x.shape)
+
+
+class LinFusionModules(TokenMixer):
+    """What LinFusion adds to one layer: residual MLPs on the q and k inputs, and the attention.
 
     Args:
         dim: input width of the layer (``to_q.in_features``).
         mid_dim: hidden width of the MLPs; 0 disables them.
-        eps: denominator epsilon, kept here so the processor stays stateless.
+        eps: denominator epsilon.
     """
 
     def __init__(self, dim: int, mid_dim: int, eps: float) -> None:
@@ -70,40 +84,14 @@ class LinFusionModules(nn.Module):
         self.k_mlp = residual_mlp(dim, mid_dim) if mid_dim > 0 else None
 
     def query_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.q_mlp is None else x + self.q_mlp(x)
+        return x if self.q_mlp is None else add_residual_mlp(self.q_mlp, x)
 
     def key_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.k_mlp is None else x + self.k_mlp(x)
+        return x if self.k_mlp is None else add_residual_mlp(self.k_mlp, x)
 
-
-class LinFusionAttnProcessor:
-    """Processor of a LinFusion self-attention layer; reads its parameters from ``attn.lindiff``."""
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``hidden_states``: ``(B, N, C)`` or ``(B, C, H, W)``; returns the same shape."""
-        reject_attention_mask(attention_mask, "linfusion")
-        modules: LinFusionModules = getattr(attn, ADDED_MODULE)
-        hidden_states, call = begin_attention(attn, hidden_states, temb)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-
-        query = split_heads(attn, attn.to_q(modules.query_input(hidden_states)))
-        key = split_heads(attn, attn.to_k(modules.key_input(context)))
-        value = split_heads(attn, attn.to_v(context))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        out = linear_attention(query, key, value, feature_map="elu1", eps=modules.eps, kv_scale="mean")
-        out = out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype)
-        return end_attention(attn, out, call)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """Mean-normalised ELU+1 linear attention over all tokens, ``(B, N, H, D)`` in and out."""
+        return linear_attention(q, k, v, feature_map="elu1", eps=self.eps, kv_scale="mean")
 
 
 class LinFusion(AttentionMethod):
@@ -119,6 +107,3 @@ class LinFusion(AttentionMethod):
         mid_dim = dim if self.options.mid_dim is None else self.options.mid_dim
         modules = LinFusionModules(dim, mid_dim, float(self.options.eps))
         setattr(attn, ADDED_MODULE, modules.to(device=like.device, dtype=like.dtype))
-
-    def processor(self, layer: LayerInfo) -> LinFusionAttnProcessor:
-        return LinFusionAttnProcessor()
