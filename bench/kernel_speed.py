@@ -245,16 +245,29 @@ def plot(records: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = sorted({r["shape"] for r in records})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
-        rows = [r for r in records if r["shape"] == shape]
+    linear = [r for r in records if r.get("section") == "linear"]
+    local = [r for r in records if r.get("section") == "local" and not r["num_global"]]
+    shapes = sorted({r["shape"] for r in linear})
+    panels = len(shapes) + bool(local)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=False):
+        rows = [r for r in linear if r["shape"] == shape]
         for key in sorted({key for r in rows for key in r["ms"]}):
             pts = [(r["n"], r["ms"][key]) for r in rows if r["ms"].get(key) is not None]
             style = "--" if key.startswith("sdpa") else "-"
             ax.loglog(*zip(*pts, strict=True), style, marker="o", label=key)
         ax.set(title=shape, xlabel="N tokens", ylabel="ms (median)")
         ax.grid(True, which="both", alpha=0.3)
+    if local:
+        ax = axes[0][-1]
+        for radius in sorted({r["radius"] for r in local}):
+            pts = [(r["tokens"], r["local_ms"]) for r in local if r["radius"] == radius]
+            ax.loglog(*zip(*pts, strict=True), "-", marker="o", label=f"local r={radius}")
+        sdpa = sorted({(r["tokens"], r["sdpa_ms"]) for r in local})
+        ax.loglog(*zip(*sdpa, strict=True), "--", marker="o", label="sdpa")
+        ax.set(title="local attention (no global tokens)", xlabel="N tokens", ylabel="ms (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.sections or SECTIONS:
         print(f"\n[{name}]")
         print_header()
-        result["records"] += SECTIONS[name](settings)
+        result["records"] += [{"section": name, **record} for record in SECTIONS[name](settings)]
     suffix = "-quick" if settings["quick"] else ""
     path = save_results(result, args.out or f"kernels-{device_label(device, short=True)}{suffix}.json")
     print(f"\nwrote {path}")
