@@ -16,13 +16,15 @@ allocator statistics on GPU, the process's peak resident set (reset through
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import device_label, save_results  # bench/ is on sys.path when run as a script
+from common import (  # bench/ is on sys.path when run as a script
+    PeakMemory,
+    device_label,
+    measure_step,
+    save_results,
+)
 from diffusers import UNet2DConditionModel
 
 import lindiff
@@ -45,33 +47,6 @@ TEXT_TOKENS = 77
 VARIANTS = {"linfusion": {}, "linear_only": {"mid_dim": 0}}
 
 
-class PeakMemory:
-    """Peak memory (MiB) above the level at ``start()``: CUDA allocator stats or the CPU resident set."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0.0
-
-    @staticmethod
-    def _proc_status(field: str) -> float:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._proc_status("VmRSS")
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        return self._proc_status("VmHWM") - self.base
-
-
 def step_inputs(size: int, batch: int, device: torch.device, dtype: torch.dtype) -> tuple:
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(batch, 4, size // 8, size // 8, generator=generator)
@@ -85,22 +60,7 @@ def step_inputs(size: int, batch: int, device: torch.device, dtype: torch.dtype)
 
 def measure(unet: UNet2DConditionModel, inputs: tuple, repeats: int, memory: PeakMemory) -> dict:
     """Median wall time of ``repeats`` steps after one warm-up, and the peak memory of one step."""
-
-    def step() -> float:
-        if memory.device.type == "cuda":
-            torch.cuda.synchronize(memory.device)
-        start = time.perf_counter()
-        unet(*inputs, return_dict=False)
-        if memory.device.type == "cuda":
-            torch.cuda.synchronize(memory.device)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        memory.start()
-        warmup = step()
-        peak = memory.peak()
-        times = [step() for _ in range(repeats)]
-    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warmup, "peak_mib": peak}
+    return measure_step(lambda: unet(*inputs, return_dict=False), repeats, memory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,12 +6,12 @@ import logging
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .adapters import adapter_for
+from .adapters.base import ModelAdapter
 from .attention import GRID_ATTRIBUTE, AttentionMethod, create_method
-from .attention.base import ADDED_MODULE
+from .attention.base import ADDED_MODULE, AttentionModule
 from .state import STATE_ATTRIBUTE, LinearizedState, base_linear, get_state
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,22 @@ def _role_of(model: nn.Module) -> str:
     return "controlnet" if "ControlNet" in type(model).__name__ else adapter_for(model).role
 
 
+def check_family(method: AttentionMethod, model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``, after checking that ``method`` supports its family.
+
+    Raises:
+        TypeError: if ``model`` belongs to no supported family.
+        ValueError: if ``method`` declares ``families`` and ``model``'s is not among them.
+    """
+    adapter = adapter_for(model)
+    if method.families is not None and adapter.name not in method.families:
+        raise ValueError(
+            f"method {method.name!r} supports only the model families {list(method.families)}; "
+            f"got {type(model).__name__} (family {adapter.name!r})"
+        )
+    return adapter
+
+
 def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedState:
     """Convert one denoiser in place; returns the recorded state."""
     existing = get_state(model)
@@ -95,7 +111,7 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
             f"{type(model).__name__} is already linearized with method {existing.method.name!r}; "
             "call lindiff.restore() first to convert it again"
         )
-    adapter = adapter_for(model)
+    adapter = check_family(method, model)
     grid = adapter.new_grid(model)
     layers = [layer for layer in adapter.layers(model, grid) if layer.kind in method.kinds]
     if not layers:
@@ -141,7 +157,7 @@ def restore_model(model: nn.Module) -> None:
     delattr(model, STATE_ATTRIBUTE)
 
 
-def _restore_projections(attn: Attention, name: str, backup: dict[str, torch.Tensor]) -> None:
+def _restore_projections(attn: AttentionModule, name: str, backup: dict[str, torch.Tensor]) -> None:
     for key, saved in backup.items():
         if not key.startswith(name + "."):
             continue
@@ -176,6 +192,8 @@ def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None
     already = [role for role, model in targets if get_state(model) is not None]
     if already:
         raise ValueError(f"already linearized: {', '.join(already)}; call lindiff.restore() first")
+    for _, model in targets:
+        check_family(method_instance, model)
     for _, model in targets:
         linearize_model(model, method_instance)
     if checkpoint is not None:

@@ -37,6 +37,15 @@ class TokenGrid:
         self.latent = (int(frames), int(height), int(width))
         self.patch_size = 1
 
+    def num_tokens(self) -> int:
+        """Number of image tokens at the finest level: ``T * ceil(H / p) * ceil(W / p)``.
+
+        Raises:
+            RuntimeError: if no denoiser call recorded a grid.
+        """
+        frames, height, width = self._recorded()
+        return frames * math.ceil(height / self.patch_size) * math.ceil(width / self.patch_size)
+
     def resolve(self, num_tokens: int) -> GridShape:
         """Return ``(T, H, W)`` of a layer that sees ``num_tokens`` image tokens.
 
@@ -44,15 +53,18 @@ class TokenGrid:
             RuntimeError: if no denoiser call recorded a grid, or no down-sampling of it by a
                 power of two gives ``num_tokens``.
         """
+        key = (self._recorded(), num_tokens)
+        if key not in self._cache:
+            self._cache[key] = self._match(num_tokens)
+        return self._cache[key]
+
+    def _recorded(self) -> GridShape:
         if self.latent is None:
             raise RuntimeError(
                 "the token grid is unknown: this layer needs the (H, W) of its tokens, which lindiff "
                 "records when the converted denoiser is called; call the model, not the layer alone"
             )
-        key = (self.latent, num_tokens)
-        if key not in self._cache:
-            self._cache[key] = self._match(num_tokens)
-        return self._cache[key]
+        return self.latent
 
     def _match(self, num_tokens: int) -> GridShape:
         frames, height, width = self.latent

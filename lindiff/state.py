@@ -6,21 +6,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .adapters.base import ModelAdapter
-from .attention.base import AttentionMethod
+from .attention.base import AttentionMethod, AttentionModule
 from .grid import TokenGrid
 
 STATE_ATTRIBUTE = "_lindiff_state"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def base_linear(attn: Attention, projection: str) -> nn.Linear:
+def base_linear(attn: AttentionModule, projection: str) -> nn.Linear:
     """The ``nn.Linear`` behind ``attn.<projection>``, looking through a PEFT LoRA wrapper."""
     module = attn.get_submodule(projection)
     return getattr(module, "base_layer", module)
+
+
+def projections_of(attn: AttentionModule) -> tuple[str, ...]:
+    """The :data:`PROJECTIONS` a layer has (FLUX single-stream layers have no ``to_out``)."""
+    return tuple(p for p in PROJECTIONS if p != "to_out.0" or getattr(attn, "to_out", None) is not None)
 
 
 @dataclass
@@ -31,7 +35,7 @@ class LinearizedState:
         method: the attention method instance (its options included).
         adapter: the model-family adapter.
         grid: the TokenGrid shared by all converted layers.
-        layers: converted ``Attention`` modules by module path.
+        layers: converted attention layers by module path.
         original_processors: the processor each converted layer had before conversion.
         hook_id: id of the grid-recording pre-forward hook on the denoiser.
         processors: the method's processor installed on each converted layer.
@@ -43,7 +47,7 @@ class LinearizedState:
     method: AttentionMethod
     adapter: ModelAdapter
     grid: TokenGrid
-    layers: dict[str, Attention]
+    layers: dict[str, AttentionModule]
     original_processors: dict[str, Any]
     hook_id: int
     processors: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +63,7 @@ class LinearizedState:
             return
         backup = {}
         for name, attn in self.layers.items():
-            for projection in PROJECTIONS:
+            for projection in projections_of(attn):
                 for param_name, param in base_linear(attn, projection).named_parameters():
                     backup[f"{name}.{projection}.{param_name}"] = param.detach().to("cpu", copy=True)
         self.projection_backup = backup

@@ -27,7 +27,7 @@ from torch import nn
 
 from .attention.base import ADDED_MODULE
 from .convert import denoisers
-from .state import PROJECTIONS, LinearizedState, base_linear, get_state
+from .state import LinearizedState, base_linear, get_state, projections_of
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _added_tensors(state: LinearizedState) -> dict[str, torch.Tensor]:
             for key, value in added.state_dict().items():
                 tensors[f"{name}.{ADDED_MODULE}.{key}"] = value
         if state.projections_modified:
-            for projection in PROJECTIONS:
+            for projection in projections_of(attn):
                 for key, value in base_linear(attn, projection).state_dict().items():
                     tensors[f"{name}.{projection}.{key}"] = value
     return tensors

@@ -6,10 +6,18 @@ from torch import nn
 
 from ..registry import Registry
 from .base import ModelAdapter
+from .flux import FluxAdapter
+from .pixart import PixArtAdapter
+from .sana import SanaAdapter
+from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
 FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")
 FAMILIES.register(UNetAdapter.name, UNetAdapter)
+FAMILIES.register(PixArtAdapter.name, PixArtAdapter)
+FAMILIES.register(SD3Adapter.name, SD3Adapter)
+FAMILIES.register(FluxAdapter.name, FluxAdapter)
+FAMILIES.register(SanaAdapter.name, SanaAdapter)
 
 
 def families() -> list[str]:

@@ -54,3 +54,36 @@ def first_tensor_argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: s
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"expected the {name!r} tensor as the first argument, got {type(value).__name__}")
     return value
+
+
+def tensor_argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> torch.Tensor:
+    """The denoiser argument ``name``, passed as ``name=`` or positionally at ``position``."""
+    value = args[position] if len(args) > position else kwargs.get(name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor as the denoiser's {name!r} argument, got {type(value).__name__}")
+    return value
+
+
+class LatentGridAdapter(ModelAdapter):
+    """A DiT whose input is a latent ``hidden_states`` ``(B, C, H, W)`` cut into ``p x p`` patches.
+
+    The grid is read from the latent (never assumed square), with the model's
+    ``config.patch_size``: ``(H / p, W / p)`` tokens sit at the finest level.
+    """
+
+    role = "transformer"
+
+    def new_grid(self, model: nn.Module) -> TokenGrid:
+        return TokenGrid(patch_size=int(model.config.patch_size))
+
+    def latent(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The latent of a denoiser call: its first argument, ``hidden_states``."""
+        return tensor_argument(args, kwargs, "hidden_states", 0)
+
+    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        latent = self.latent(args, kwargs)
+        if latent.ndim != 4:
+            raise ValueError(
+                f"expected the denoiser's latent hidden_states as (B, C, H, W), got shape {tuple(latent.shape)}"
+            )
+        grid.update(height=latent.shape[-2], width=latent.shape[-1])

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from ..registry import Registry
 from .base import ADDED_MODULE, GRID_ATTRIBUTE, AttentionMethod, LayerInfo
+from .clear import Clear
 from .linfusion import LinFusion
+from .lit import LiT
+from .sana import Sana
 
 METHODS: Registry[type[AttentionMethod]] = Registry("method")
 METHODS.register(LinFusion.name, LinFusion)
+METHODS.register(Sana.name, Sana)
+METHODS.register(Clear.name, Clear)
+METHODS.register(LiT.name, LiT)
 
 
 def methods() -> list[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -17,6 +18,10 @@ from ..grid import GridShape, TokenGrid
 ADDED_MODULE = "lindiff"
 # Plain attribute holding the model's shared TokenGrid on each converted ``Attention``.
 GRID_ATTRIBUTE = "lindiff_grid"
+# A diffusers attention layer: the classic ``Attention`` (UNet, PixArt, SD3, SANA) or a module built
+# on ``AttentionModuleMixin`` (``FluxAttention``). Both have ``to_q/to_k/to_v`` (and usually
+# ``to_out``), a ``processor`` and ``set_processor``.
+AttentionModule = Attention | AttentionModuleMixin
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class LayerInfo:
 
     Attributes:
         name: module path inside the denoiser (``down_blocks.0.attentions.0.transformer_blocks.0.attn1``).
-        module: the diffusers ``Attention``.
+        module: the diffusers attention layer (``Attention``, ``FluxAttention``, ...).
         kind: ``"self"`` (image tokens only), ``"joint"`` (image + text tokens, text as extra
             keys/values: SD3, FLUX double blocks) or ``"single"`` (text and image concatenated in
             one sequence: FLUX single blocks).
@@ -81,7 +86,7 @@ class LayerInfo:
     """
 
     name: str
-    module: Attention
+    module: AttentionModule
     kind: str
     grid: TokenGrid
 
@@ -92,12 +97,15 @@ class AttentionMethod:
     A subclass sets ``name``, ``options_cls`` (a dataclass of its options with defaults) and
     ``kinds`` (the layer kinds it converts), and implements :meth:`convert_layer`, which puts a
     :class:`TokenMixer` under :data:`ADDED_MODULE` on the layer. The processor around it is the
-    model family's (see :meth:`lindiff.adapters.ModelAdapter.processor`).
+    model family's (see :meth:`lindiff.adapters.ModelAdapter.processor`). A method that only fits
+    some model families lists them in ``families`` (``None``: every family); `linearize` refuses
+    the others with a ``ValueError``.
     """
 
     name: ClassVar[str]
     options_cls: ClassVar[type]
     kinds: ClassVar[tuple[str, ...]] = ("self",)
+    families: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **options: Any) -> None:
         allowed = {f.name for f in dataclasses.fields(self.options_cls)}
@@ -116,7 +124,7 @@ class AttentionMethod:
         raise NotImplementedError
 
     @staticmethod
-    def parameter_like(attn: Attention) -> torch.Tensor:
+    def parameter_like(attn: AttentionModule) -> torch.Tensor:
         """A parameter of the layer whose device and dtype new submodules should follow."""
         linear = attn.to_q
         return getattr(linear, "base_layer", linear).weight

@@ -99,6 +99,7 @@ class LinFusion(AttentionMethod):
 
     name = "linfusion"
     options_cls = LinFusionOptions
+    kinds = ("self", "joint", "single")
 
     def convert_layer(self, layer: LayerInfo) -> None:
         attn = layer.module

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attention.base import ADDED_MODULE
 from ..convert import linearize
-from ..state import PROJECTIONS, get_state
+from ..state import PROJECTIONS, get_state, projections_of
 from ..weights import save_weights
 
 
@@ -62,7 +62,11 @@ def select_trainable(
     if trainable == "lora":
         from peft import LoraConfig
 
-        targets = [f"{layer}.{projection}" for layer in state.layers for projection in PROJECTIONS]
+        targets = [
+            f"{name}.{projection}"
+            for name, attn in state.layers.items()
+            for projection in projections_of(attn)
+        ]
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets)
         student.add_adapter(config)
     layers = sorted(state.layers, key=len, reverse=True)
