@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_dit_models
 import tiny_models
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -430,3 +431,33 @@ def test_cli_help_and_a_tiny_run_from_a_saved_pipeline(tmp_path, capsys):
     assert config["method_options"] == {"mid_dim": 8} and config["max_grad_norm"] is None
     assert json.loads((tmp_path / "run" / "final" / "lindiff.json").read_text())["options"]["mid_dim"] == 8
     assert (tmp_path / "run" / "validation" / "step-00000003.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "trainable"),
+    [
+        ("clear", {"radius": 2}, "attention"),
+        ("clear", {"radius": 2, "down_factor": 2}, "new"),
+        ("lit", {}, "new"),
+    ],
+)
+def test_a_diffusion_transformer_distils_with_clear_and_lit(tmp_path, method, options, trainable):
+    """SD3 (joint attention): the same trainer, and its export loads into a fresh conversion."""
+    config = make_config(
+        tmp_path,
+        model=tiny_dit_models.sd3_pipeline(),
+        method=method,
+        method_options=options,
+        trainable=trainable,
+        max_steps=3,
+    )
+    distiller = Distiller(config)
+    before = student_state(distiller)
+    result = distiller.train()
+    after = student_state(distiller)
+    assert result.step == 3 and any(not torch.equal(before[k], after[k]) for k in before)
+
+    fresh = lindiff.linearize(tiny_dit_models.sd3_pipeline(), method=method, weights=result.weights.parent)
+    loaded = dict(fresh.transformer.named_parameters())
+    for name, value in after.items():
+        assert torch.equal(loaded[name].detach(), value), name
