@@ -1,11 +1,17 @@
 """The ``lindiff`` command: a thin layer over the public API.
 
     lindiff info              versions, devices and kernel backends of this installation
+    lindiff info IMAGE.png    the generation parameters stored in a PNG that lindiff rendered
     lindiff methods           the registered attention methods and their options
     lindiff distill MODEL     distil MODEL's denoiser into its linear-attention student
                               (``accelerate launch -m lindiff.cli distill ...`` for several GPUs)
+    lindiff render            render prompts to PNGs that carry their parameters; resumable
+                              (``accelerate launch -m lindiff.cli render ...`` for several GPUs)
+    lindiff demo              the Gradio web demo (needs the ``demo`` extra), on 127.0.0.1:7860
 
-Each sub-command is one function taking the parsed arguments; ``main`` returns the exit code.
+Each sub-command is one function taking the parsed arguments; ``main`` returns the exit code:
+0 on success, 2 for a user error (printed as ``lindiff COMMAND: error: ...``, no traceback),
+3 when rendering runs out of memory, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -59,7 +65,14 @@ def method_options(name: str) -> dict[str, object]:
     return {field.name: field.default for field in dataclasses.fields(options_cls)}
 
 
+def _user_error(command: str, message: object, code: int = 2) -> int:
+    print(f"lindiff {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def run_info(args: argparse.Namespace) -> int:
+    if args.image is not None:
+        return _image_info(args.image, args.json)
     env = environment()
     if args.json:
         print(json.dumps(env, indent=2))
@@ -70,6 +83,22 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  CUDA devices  {', '.join(env['devices']) or 'none'}")
     print(f"  linear attention backend: {env['linear_attention_backend']}")
     print(f"  methods: {', '.join(env['methods'])}; model families: {', '.join(env['families'])}")
+    return 0
+
+
+def _image_info(image: str, as_json: bool) -> int:
+    from .pipelines.metadata import read_params
+
+    try:
+        params = read_params(image)
+    except (ValueError, FileNotFoundError) as error:
+        return _user_error("info", error)
+    if as_json:
+        print(json.dumps(params, indent=2, ensure_ascii=False))
+        return 0
+    width = max(map(len, params))
+    for key, value in params.items():
+        print(f"{key:<{width}}  {'' if value is None else value}")
     return 0
 
 
@@ -148,6 +177,191 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+REPRODUCED_FLAGS = {
+    "negative_prompt": "--negative-prompt",
+    "method": "--method",
+    "size": "--size",
+    "width": "--width",
+    "height": "--height",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seed": "--seed",
+    "highres": "--highres",
+    "stages": "--stages",
+}
+"""``render`` flags whose value ``--reproduce`` takes from the PNG (so they may not be given with it)."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .pipelines.prompts import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _stages(text: str) -> int | str:
+    if text == "auto" or (text.isdigit() and int(text) > 0):
+        return text if text == "auto" else int(text)
+    raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+
+
+def run_render(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines.batch import summary_table
+    from .pipelines.render import RenderConfig, render
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
+    given = [flag for name, flag in REPRODUCED_FLAGS.items() if options[name] is not None]
+    if args.reproduce and given:
+        return _user_error(
+            "render", f"{', '.join(given)} cannot be used with --reproduce, which takes them from the PNG"
+        )
+    try:
+        config = RenderConfig(**{k: v for k, v in options.items() if v is not None})
+        result = render(config, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as error:
+        return _user_error("render", error)
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return _user_error(
+            "render",
+            f"out of memory ({first_line}); try --tile (tiled VAE decoding), --offload (model CPU "
+            "offload), --dtype fp16 or bf16, or a smaller --size",
+            code=3,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if result.removed:
+        print(f"removed {len(result.removed)} partial file(s) of an interrupted run", file=sys.stderr)
+    print(summary_table(result))
+    if result.interrupted:
+        print(f"interrupted; run the same command again to resume ({result.manifest})", file=sys.stderr)
+        return 130
+    if result.process_index == 0:
+        print(f"images and {result.manifest.name} in {result.manifest.parent}")
+    return 0
+
+
+def _add_render_flags(parser: argparse.ArgumentParser) -> None:
+    from .pipelines.batch import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from .pipelines.prompts import ON_ERROR
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt; repeat the flag for several")
+    source.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompt file: text with one prompt per line, or .jsonl with prompt and optional "
+        "negative, seed, size (N, 'WxH' or [W, H]), width, height per row",
+    )
+    source.add_argument(
+        "--reproduce",
+        metavar="IMAGE.png",
+        help="render a PNG written by lindiff again from its stored parameters "
+        "(--model/--weights override the recorded ones)",
+    )
+    parser.add_argument("--out", default="renders", help="output folder (default: %(default)s)")
+    parser.add_argument("--negative-prompt", help="negative prompt of rows without their own")
+    parser.add_argument(
+        "--model", help="diffusers folder or hub id (default: the embedded tiny-shapes model)"
+    )
+    parser.add_argument(
+        "--method",
+        help=f"attention method, one of {', '.join(methods())}, or softmax for the model's own "
+        "(default: linfusion)",
+    )
+    parser.add_argument("--weights", help="weights for --method: file, folder or hub id")
+    parser.add_argument("--size", type=_size, help="N or WxH pixels (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="width in pixels (overrides --size)")
+    parser.add_argument("--height", type=int, help="height in pixels (overrides --size)")
+    parser.add_argument("--steps", type=int, help=f"denoising steps (default: {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, help=f"guidance scale (default: {DEFAULT_GUIDANCE})")
+    parser.add_argument(
+        "--seed", type=int, help="base seed; a row without its own seed gets seed + row index (default: 0)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="model dtype (default: as saved)")
+    parser.add_argument(
+        "--highres",
+        action=argparse.BooleanOptionalAction,
+        help="use the multi-stage high-resolution pipeline (default: when the size exceeds the model's native size)",
+    )
+    parser.add_argument(
+        "--stages", type=_stages, help="high-resolution stages: auto or a number (default: auto)"
+    )
+    parser.add_argument("--tile", action="store_true", help="tiled VAE decoding (less memory at large sizes)")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    parser.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="abort",
+        help="what to do with malformed prompt-file lines (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _lora(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER_OR_HUB_ID, got {text!r}")
+    return name, source
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        from .app import create_model, launch
+    except ImportError as error:
+        return _user_error("demo", f"{error}; install the demo extra: pip install 'lindiff[demo]'")
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model = create_model(
+            args.model,
+            weights=args.weights,
+            device=args.device,
+            dtype=args.dtype,
+            controlnet=args.controlnet,
+            loras=dict(args.loras) if args.loras else None,
+            output_dir=args.output_dir,
+            max_size=args.max_size,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        return _user_error("demo", error)
+    launch(model, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def _add_demo_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="diffusers folder or hub id (default: the embedded tiny-shapes model, its ControlNet and LoRA)",
+    )
+    parser.add_argument("--weights", help="weights of the linear student: file, folder or hub id")
+    parser.add_argument("--controlnet", help="ControlNet folder or hub id offered as a condition")
+    parser.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        type=_lora,
+        metavar="NAME=SOURCE",
+        help="a LoRA to offer; repeatable",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="model dtype (default: as saved)")
+    parser.add_argument(
+        "--max-size", type=int, help="largest image side in pixels (default: 16384 on GPU, 4096 on CPU)"
+    )
+    parser.add_argument("--output-dir", help="where PNGs are written (default: a new temporary folder)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lindiff", description="Linear-time attention for pretrained diffusion models."
@@ -155,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lindiff {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="versions, devices and kernel backends")
+    info = commands.add_parser("info", help="versions, devices and backends, or a rendered PNG's parameters")
+    info.add_argument("image", nargs="?", metavar="IMAGE.png", help="show the parameters stored in this PNG")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(run=run_info)
 
@@ -171,6 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(training)
     training.set_defaults(run=run_distill)
+
+    rendering = commands.add_parser(
+        "render",
+        help="render prompts to PNGs that carry their parameters (resumable batches)",
+        description="Render prompts to PNGs that carry their generation parameters. Batches are "
+        "resumable: a manifest records each finished image and re-running skips them. "
+        "`accelerate launch -m lindiff.cli render ...` splits the prompts between processes. "
+        "Exit codes: 2 for user errors, 3 for out of memory, 130 when interrupted.",
+    )
+    _add_render_flags(rendering)
+    rendering.set_defaults(run=run_render)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the Gradio web demo: render, compare softmax and linear attention, see time and memory",
+    )
+    _add_demo_flags(demo)
+    demo.set_defaults(run=run_demo)
     return parser
 
 

@@ -1,0 +1,398 @@
+"""The demo's model: one pipeline loaded once, switched between softmax and linear attention.
+
+The same pipeline serves the softmax teacher and every linear student: switching runs
+:func:`lindiff.restore` / :func:`lindiff.linearize` on it, with the student's weights read once
+and kept in memory. One run at a time (a lock); a run stops at the next denoising step once
+:meth:`DemoModel.cancel` is called by the session that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+import lindiff
+from lindiff.adapters import adapter_for
+from lindiff.attention import METHODS
+from lindiff.pipelines.highres import HighResPipeline
+from lindiff.pipelines.loading import (
+    SOFTMAX,
+    check_size,
+    denoiser,
+    load_pipeline,
+    native_size,
+    resolve_weights,
+    size_multiple,
+)
+from lindiff.pipelines.metadata import generation_params, save_png
+from lindiff.weights import read_checkpoint
+
+from .timing import Estimate, RunMeter, RunRecord, estimate, memory_budget
+
+MAX_PROMPT_CHARS = 500
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1
+MAX_SIZE = {"cuda": 16384, "cpu": 4096}
+"""Default largest image side per device type, in pixels."""
+PRESET_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+"""Size presets, as multiples of the model's native size."""
+CALIBRATION_STEPS = 2
+DEFAULT_METHOD = "linfusion"
+"""The method preselected when the student's weights name none (the default of `lindiff.linearize`)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to render. ``method`` is ``"softmax"`` (the teacher) or a linear method name."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    method: str
+    negative_prompt: str = ""
+    highres: bool = False
+    condition: Image.Image | None = None
+    controlnet_scale: float = 1.0
+    lora: str | None = None
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is: ``step`` of ``steps`` in ``stage`` of ``stages`` (high-res chains have several)."""
+
+    step: int
+    steps: int
+    stage: int = 1
+    stages: int = 1
+
+
+class Cancelled(Exception):
+    """A run stopped by :meth:`DemoModel.cancel`; ``steps`` denoising steps ran, the last at ``at``."""
+
+    def __init__(self, steps: int, at: Progress) -> None:
+        where = f" of stage {at.stage}/{at.stages}" if at.stages > 1 else ""
+        super().__init__(f"cancelled after step {at.step} of {at.steps}{where}")
+        self.steps = steps
+        self.at = at
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished run: the image, the PNG written with its parameters, and its measurements."""
+
+    request: Request
+    image: Image.Image
+    path: Path
+    record: RunRecord
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def _release_free_memory() -> None:
+    """Return freed heap to the OS (glibc only), so a run's RSS peak is measured from a low base."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class DemoModel:
+    """A pipeline and its linear students, for the demo.
+
+    Args:
+        model: a diffusers pipeline folder or hub id; ``None`` for the embedded tiny model.
+        weights: weights of the linear student (see :func:`lindiff.linearize`); ``None`` for the
+            embedded model's own (with ``model=None``) or none.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        dtype: ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``None`` (as saved).
+        controlnet: a ControlNet folder or hub id, offered as an optional condition.
+        loras: LoRA name -> folder or hub id, offered with a scale.
+        output_dir: where PNGs are written.
+        max_size: largest image side in pixels (default by device, see :data:`MAX_SIZE`).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        controlnet: str | None = None,
+        loras: dict[str, str] | None = None,
+        output_dir: str | Path,
+        max_size: int | None = None,
+    ) -> None:
+        self.pipe = load_pipeline(model, method=SOFTMAX, device=device, dtype=dtype)
+        self.model = model
+        self.device: torch.device = denoiser(self.pipe).device
+        self.control_pipe = None if controlnet is None else self._with_controlnet(controlnet)
+        self.weights = weights
+        student_weights = resolve_weights(model, DEFAULT_METHOD, weights)
+        self.checkpoint = None if student_weights is None else read_checkpoint(student_weights)
+        family = adapter_for(denoiser(self.pipe)).name
+        self.linear_methods = [
+            name
+            for name in lindiff.methods()
+            if METHODS.get(name).families is None or family in METHODS.get(name).families
+        ]
+        self.loras = dict(loras or {})
+        for name, source in self.loras.items():
+            self.pipe.load_lora_weights(source, adapter_name=name)
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.native = native_size(self.pipe)
+        self.multiple = size_multiple(self.pipe)
+        self.max_size = max_size or MAX_SIZE.get(self.device.type, MAX_SIZE["cpu"])
+        self.records: list[RunRecord] = []
+        self._method = SOFTMAX
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._owner: str | None = None
+        self._numbers = itertools.count(1)
+
+    def _with_controlnet(self, source: str) -> Any:
+        """The family's ControlNet pipeline around the ControlNet at ``source``, sharing ``pipe``'s components."""
+        from diffusers import AutoModel, AutoPipelineForText2Image
+
+        try:
+            net = AutoModel.from_pretrained(source, torch_dtype=denoiser(self.pipe).dtype)
+            control = AutoPipelineForText2Image.from_pipe(self.pipe, controlnet=net.to(self.device))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"controlnet={source!r} could not be loaded: {error}") from error
+        control.set_progress_bar_config(disable=True)
+        return control
+
+    @property
+    def default_method(self) -> str:
+        """The method of the student's weights, else lindiff's default method, else the first one."""
+        for method in (self.checkpoint.method if self.checkpoint else None, DEFAULT_METHOD):
+            if method in self.linear_methods:
+                return method
+        return self.linear_methods[0]
+
+    def method_label(self, method: str) -> str:
+        """How the UI names ``method``."""
+        if method == SOFTMAX:
+            return "softmax (teacher)"
+        trained = self.checkpoint is not None and self.checkpoint.method == method
+        return f"{method} ({'distilled weights' if trained else 'no trained weights'})"
+
+    def presets(self) -> list[int]:
+        """Square sizes from native up to the largest that fits ``max_size`` and the device's memory."""
+        budget = memory_budget(self.device)
+        sizes: list[int] = []
+        for factor in PRESET_FACTORS:
+            size = max(self.multiple, round(self.native * factor / self.multiple) * self.multiple)
+            if size > self.max_size or size in sizes:
+                continue
+            guess = self.estimate(self.default_method, size, size, CALIBRATION_STEPS)
+            if guess is not None and guess.bytes > budget:
+                break
+            sizes.append(size)
+        return sizes
+
+    def estimate(self, method: str, width: int, height: int, steps: int) -> Estimate | None:
+        """Time and memory of a run, from the runs so far (``None`` before any run of ``method``)."""
+        return estimate(list(self.records), method, width, height, steps)
+
+    def check(self, request: Request) -> None:
+        """Raise ``ValueError`` naming the input, the value and what is allowed, for a bad request."""
+        if not request.prompt.strip():
+            raise ValueError("prompt is empty; describe the image to render")
+        for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+        for name, size in (("width", request.width), ("height", request.height)):
+            if not self.multiple <= size <= self.max_size:
+                raise ValueError(
+                    f"{name}={size} px is outside the allowed {self.multiple}-{self.max_size} px"
+                )
+        check_size(self.pipe, request.height, request.width)
+        if not 1 <= request.steps <= MAX_STEPS:
+            raise ValueError(f"steps={request.steps} is outside 1-{MAX_STEPS}")
+        if not 0 <= request.guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance={request.guidance} is outside 0-{MAX_GUIDANCE}")
+        if not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"seed={request.seed} is outside 0-{MAX_SEED}")
+        if request.method not in (SOFTMAX, *self.linear_methods):
+            raise ValueError(
+                f"method={request.method!r} is not available; choose one of {[SOFTMAX, *self.linear_methods]}"
+            )
+        if request.lora is not None and request.lora not in self.loras:
+            raise ValueError(f"lora={request.lora!r} is not loaded; choose one of {list(self.loras)} or none")
+        if request.condition is not None and self.control_pipe is None:
+            raise ValueError("a ControlNet condition was given, but no ControlNet is loaded")
+        guess = self.estimate(request.method, request.width, request.height, request.steps)
+        budget = memory_budget(self.device)
+        if guess is not None and guess.bytes > budget:
+            raise ValueError(
+                f"{request.width}x{request.height} with {request.method} needs about {guess.bytes / 2**30:.1f} GiB, "
+                f"more than the {budget / 2**30:.1f} GiB this {self.device.type} device has free; choose a smaller size"
+            )
+
+    def cancel(self, owner: str) -> bool:
+        """Stop the run of ``owner`` at its next step; ``False`` if ``owner`` has no run going."""
+        if self._owner is None or self._owner != owner:
+            return False
+        self._stop.set()
+        return True
+
+    def calibrate(self) -> None:
+        """Short runs at native size with the teacher and the default student, to seed the estimates.
+
+        A first one-step run, not recorded, takes the one-time costs (lazy initialisation, allocator
+        growth) out of the measurements.
+        """
+        warmup = Request("warm-up", self.native, self.native, steps=1, guidance=7.5, seed=0, method=SOFTMAX)
+        self._render(warmup, owner="calibration", on_progress=None)
+        self.records.clear()
+        for method in (SOFTMAX, self.default_method):
+            request = Request(
+                prompt="calibration",
+                width=self.native,
+                height=self.native,
+                steps=CALIBRATION_STEPS,
+                guidance=7.5,
+                seed=0,
+                method=method,
+            )
+            self._render(request, owner="calibration", on_progress=None)
+
+    def run(
+        self, request: Request, owner: str, on_progress: Callable[[Progress], None] | None = None
+    ) -> Generation:
+        """Render ``request`` (after :meth:`check`) and write its PNG with the generation parameters.
+
+        Raises:
+            ValueError: the request is invalid.
+            Cancelled: :meth:`cancel` was called for ``owner`` during the run.
+        """
+        self.check(request)
+        image, record = self._render(request, owner, on_progress)
+        params = generation_params(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=request.seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            model=self.model,
+            method=request.method,
+            weights=self.weights if self._uses_checkpoint(request.method) else None,
+            highres=request.highres,
+            stages="auto" if request.highres else None,
+        )
+        name = (
+            f"{next(self._numbers):05d}-{request.method}-s{request.seed}-{request.width}x{request.height}.png"
+        )
+        path = save_png(image, self.output_dir / name, params)
+        return Generation(request=request, image=image, path=path, record=record)
+
+    def _uses_checkpoint(self, method: str) -> bool:
+        return self.checkpoint is not None and self.checkpoint.method == method
+
+    def _use(self, method: str) -> None:
+        """Put ``method``'s attention on the pipeline (the teacher's for ``"softmax"``)."""
+        if method == self._method:
+            return
+        target = self.control_pipe or self.pipe  # shares the UNet/transformer with ``pipe``
+        if self._method != SOFTMAX:
+            lindiff.restore(target)
+            self._method = SOFTMAX
+        if method != SOFTMAX:
+            weights = self.checkpoint if self._uses_checkpoint(method) else None
+            lindiff.linearize(target, method=method, weights=weights)
+            self._method = method
+
+    def _render(
+        self, request: Request, owner: str, on_progress: Callable[[Progress], None] | None
+    ) -> tuple[Image.Image, RunRecord]:
+        with self._lock:
+            self._owner = owner
+            self._stop.clear()
+            try:
+                self._use(request.method)
+                self._set_lora(request)
+                if self.device.type == "cpu":
+                    _release_free_memory()
+                pipe = self.pipe if request.condition is None else self.control_pipe
+                meter = RunMeter(pipe, self.device)
+                done = 0
+
+                def step(progress: Progress) -> None:
+                    nonlocal done
+                    meter.step()
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(progress)
+                    if self._stop.is_set():
+                        raise Cancelled(done, progress)
+
+                with meter.measure():
+                    image = self._call(pipe, request, step)
+            finally:
+                self._owner = None
+        record = RunRecord(
+            method=request.method,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            stats=meter.stats,
+            quadratic=request.method == SOFTMAX,
+        )
+        self.records.append(record)
+        return image, record
+
+    def _set_lora(self, request: Request) -> None:
+        if not self.loras:
+            return
+        if request.lora is None:
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([request.lora], adapter_weights=[request.lora_scale])
+
+    def _call(self, pipe: Any, request: Request, step: Callable[[Progress], None]) -> Image.Image:
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance,
+            "generator": torch.Generator(self.device).manual_seed(request.seed),
+        }
+        if request.condition is not None:
+            kwargs["image"] = request.condition.convert("RGB")
+            kwargs["controlnet_conditioning_scale"] = request.controlnet_scale
+        if request.highres:
+            return HighResPipeline.from_pipe(pipe)(
+                **kwargs,
+                on_progress=lambda p: step(Progress(p.step, p.num_steps, p.stage, p.num_stages)),
+            ).images[0]
+
+        def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            step(Progress(step=index + 1, steps=request.steps))
+            return tensors
+
+        return pipe(**kwargs, callback_on_step_end=on_step_end).images[0]

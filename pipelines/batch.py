@@ -1,0 +1,376 @@
+"""Batch rendering: items in, PNGs carrying their parameters out; resumable and multi-process.
+
+    renderer = Renderer(load_pipeline(), RenderOptions(steps=20))
+    items = [RenderItem(0, "a red star above a blue circle", "", seed=42, width=128, height=128)]
+    result = render_batch(renderer, items, "renders", PartialState())
+
+Each finished image is written atomically and then recorded in the folder's manifest (see
+:mod:`~lindiff.pipelines.manifest`), so a re-run skips it and a crash loses at most the image
+in progress. Under ``accelerate launch`` the pending items are split between the processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .loading import native_size
+from .manifest import Manifest
+from .metadata import generation_params, save_png
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+SLUG_LENGTH = 48
+
+
+def slugify(text: str, max_length: int = SLUG_LENGTH) -> str:
+    """``text`` as a file-name part: ASCII lower case, words joined by ``-``, at most ``max_length``."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "image"
+
+
+@dataclass(frozen=True)
+class RenderItem:
+    """One image to render.
+
+    Attributes:
+        index: position in the batch (numbers the file).
+        prompt, negative_prompt, seed, width, height: the generation call.
+        name: the file name; ``None`` derives one from index, prompt and seed.
+    """
+
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity in the manifest, stable across runs of the same batch."""
+        identity = [self.index, self.prompt, self.negative_prompt, self.seed, self.width, self.height]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    @property
+    def filename(self) -> str:
+        """``00003-a-red-star-above-a-blue-circle-s42.png`` unless :attr:`name` is set."""
+        return self.name or f"{self.index:05d}-{slugify(self.prompt)}-s{self.seed}.png"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What every item of a batch shares.
+
+    Attributes:
+        model, method, weights: as given to :func:`~lindiff.pipelines.loading.load_pipeline`
+            (recorded in each PNG).
+        steps, guidance: denoising steps and classifier-free guidance scale.
+        highres: render with :class:`~lindiff.pipelines.highres.HighResPipeline`; ``None``
+            does so exactly when a side exceeds the model's native size.
+        stages: the high-resolution pipeline's ``stages``.
+        tile: decode with a tiled VAE (less memory at large sizes); the high-resolution
+            pipeline always does.
+    """
+
+    model: str | None = None
+    method: str | None = "linfusion"
+    weights: str | None = None
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    highres: bool | None = None
+    stages: int | str = "auto"
+    tile: bool = False
+
+
+class StepProgress(NamedTuple):
+    """Where an image is: denoising ``step`` of ``num_steps`` in stage ``stage`` of ``num_stages``."""
+
+    stage: int
+    num_stages: int
+    step: int
+    num_steps: int
+    height: int
+    width: int
+
+
+ProgressCallback = Callable[[Any], None]
+"""Called with a :class:`StepProgress` or a ``HighResProgress`` (same fields)."""
+
+
+class Renderer:
+    """Renders :class:`RenderItem` s with ``pipe``: the plain pipeline call at or below the model's
+    native size, the high-resolution pipeline above it (or as ``options.highres`` says)."""
+
+    def __init__(self, pipe: Any, options: RenderOptions) -> None:
+        self.pipe = pipe
+        self.options = options
+        self.native_size = native_size(pipe)
+        self._highres: Any = None
+        if options.tile:
+            pipe.vae.enable_tiling()
+
+    def uses_highres(self, item: RenderItem) -> bool:
+        """Whether ``item`` goes through the high-resolution pipeline."""
+        if self.options.highres is None:
+            return max(item.width, item.height) > self.native_size
+        return self.options.highres
+
+    def params(self, item: RenderItem) -> dict[str, Any]:
+        """The generation parameters recorded in ``item``'s PNG."""
+        options = self.options
+        return generation_params(
+            prompt=item.prompt,
+            negative_prompt=item.negative_prompt,
+            seed=item.seed,
+            steps=options.steps,
+            guidance=options.guidance,
+            width=item.width,
+            height=item.height,
+            model=options.model,
+            method=options.method,
+            weights=options.weights,
+            highres=self.uses_highres(item),
+            stages=options.stages,
+        )
+
+    def __call__(self, item: RenderItem, progress: ProgressCallback | None = None) -> Image.Image:
+        """Render ``item``; ``progress`` is called after every denoising step."""
+        progress = progress or (lambda _: None)
+        generator = torch.Generator("cpu").manual_seed(item.seed)  # same noise on every device
+        call = {
+            "height": item.height,
+            "width": item.width,
+            "num_inference_steps": self.options.steps,
+            "guidance_scale": self.options.guidance,
+            "generator": generator,
+        }
+        if item.negative_prompt:
+            call["negative_prompt"] = item.negative_prompt
+        if self.uses_highres(item):
+            if self._highres is None:
+                from .highres import HighResPipeline
+
+                self._highres = HighResPipeline.from_pipe(self.pipe)
+            # Tiled VAE coding costs nothing below the tile size and saves much above it.
+            call.update(stages=self.options.stages, tile_vae=True, on_progress=progress)
+            return self._highres(item.prompt, **call).images[0]
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            total = getattr(pipe, "num_timesteps", None) or self.options.steps
+            progress(StepProgress(1, 1, step + 1, total, item.height, item.width))
+            return tensors
+
+        return self.pipe(item.prompt, callback_on_step_end=on_step_end, **call).images[0]
+
+
+@dataclass
+class ItemRecord:
+    """A rendered image: its item, file, time and peak memory (``None`` where unknown)."""
+
+    item: RenderItem
+    path: Path
+    seconds: float
+    peak_memory: int | None
+    highres: bool
+
+
+@dataclass
+class BatchResult:
+    """What :func:`render_batch` did in this process.
+
+    Attributes:
+        rendered: the images this process rendered, in order.
+        skipped: items already done before this run (by any process).
+        total: items in the batch.
+        interrupted: stopped by Ctrl-C; a re-run resumes.
+        removed: temporary files of killed runs that were deleted.
+        manifest: the merged manifest file.
+        process_index, num_processes: this process and how many rendered the batch.
+    """
+
+    rendered: list[ItemRecord] = field(default_factory=list)
+    skipped: int = 0
+    total: int = 0
+    interrupted: bool = False
+    removed: list[Path] = field(default_factory=list)
+    manifest: Path | None = None
+    process_index: int = 0
+    num_processes: int = 1
+
+
+def _execution_device(pipe: Any) -> torch.device:
+    # diffusers' own answer, which also accounts for model CPU offload.
+    return torch.device(getattr(pipe, "_execution_device", "cpu"))
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    """Peak CUDA memory since the last reset, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows has no resource module
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _ImageBar:
+    """The per-image bar: one stage at a time, its steps as the count."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = tqdm(total=0, position=1, leave=False, unit="step", disable=not enabled)
+        self.stage: int | None = None
+        self.name = ""
+
+    def start(self, item: RenderItem) -> None:
+        self.stage = None
+        self.name = item.filename[:32]
+        self.bar.reset(total=0)
+        self.bar.set_description(self.name)
+
+    def __call__(self, progress: Any) -> None:
+        if progress.stage != self.stage:
+            self.stage = progress.stage
+            self.bar.reset(total=progress.num_steps)
+            self.bar.set_description(
+                f"{self.name} stage {progress.stage}/{progress.num_stages} {progress.width}x{progress.height}"
+            )
+        self.bar.update(progress.step - self.bar.n)
+
+
+def render_batch(
+    renderer: Renderer,
+    items: Sequence[RenderItem],
+    out_dir: str | os.PathLike,
+    state: Any,
+    show_progress: bool = True,
+) -> BatchResult:
+    """Render the items not yet in ``out_dir``'s manifest into ``out_dir``; resumable.
+
+    Args:
+        renderer: renders one item.
+        items: the whole batch (every process passes the same list).
+        out_dir: where the PNGs and ``manifest.jsonl`` go.
+        state: an ``accelerate.PartialState``; the pending items are split between its processes.
+        show_progress: show the overall and per-image bars (main process only).
+
+    Ctrl-C stops after cleaning up the image in progress and returns with ``interrupted`` set.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out, state.process_index, state.num_processes)
+    result = BatchResult(
+        total=len(items),
+        manifest=manifest.path,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+    )
+    if state.is_main_process:
+        result.removed = manifest.remove_temporary_files()
+        manifest.merge()
+    state.wait_for_everyone()
+    done = manifest.done()
+    pending = [item for item in items if item.key not in done]
+    result.skipped = len(items) - len(pending)
+    with state.split_between_processes(pending) as share:
+        mine: list[RenderItem] = list(share)
+
+    device = _execution_device(renderer.pipe)
+    enabled = show_progress and state.is_main_process
+    overall = tqdm(total=len(mine), position=0, unit="image", desc="images", disable=not enabled)
+    image_bar = _ImageBar(enabled)
+    try:
+        for item in mine:
+            image_bar.start(item)
+            _reset_peak_memory(device)
+            start = time.perf_counter()
+            image = renderer(item, image_bar)
+            path = save_png(image, out / item.filename, renderer.params(item))
+            seconds = time.perf_counter() - start
+            record = ItemRecord(item, path, seconds, _peak_memory(device), renderer.uses_highres(item))
+            manifest.record(
+                {
+                    "key": item.key,
+                    "file": item.filename,
+                    "index": item.index,
+                    "prompt": item.prompt,
+                    "seed": item.seed,
+                    "width": item.width,
+                    "height": item.height,
+                    "seconds": round(seconds, 3),
+                    "peak_memory": record.peak_memory,
+                }
+            )
+            result.rendered.append(record)
+            overall.update(1)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        image_bar.bar.close()
+        overall.close()
+    if not result.interrupted:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            manifest.merge()
+    return result
+
+
+def _mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.0f} MiB"
+
+
+def summary_table(result: BatchResult) -> str:
+    """A plain-text table of ``result``: one row per rendered image, then the totals.
+
+    Peak memory is CUDA memory allocated while rendering the image, or on CPU the process's
+    peak resident memory so far.
+    """
+    rows = [
+        (
+            str(r.item.index),
+            r.path.name,
+            f"{r.item.width}x{r.item.height}",
+            "yes" if r.highres else "no",
+            f"{r.seconds:.2f} s",
+            _mib(r.peak_memory),
+        )
+        for r in result.rendered
+    ]
+    header = ("#", "file", "size", "high-res", "time", "peak memory")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = (
+        []
+        if result.num_processes == 1
+        else [f"process {result.process_index + 1} of {result.num_processes}:"]
+    )
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    seconds = sum(r.seconds for r in result.rendered)
+    per_image = f", {seconds / len(result.rendered):.2f} s per image" if result.rendered else ""
+    lines.append(
+        f"{len(result.rendered)} rendered, {result.skipped} already done, {result.total} in the batch; "
+        f"{seconds:.1f} s{per_image}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""``lindiff render`` as a function: prompts (or a PNG to reproduce) in, a rendered folder out.
+
+result = render(RenderConfig(prompts="prompts.jsonl", out="renders", size=(1024, 1024)))
+print(summary_table(result))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .batch import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    BatchResult,
+    Renderer,
+    RenderItem,
+    RenderOptions,
+    render_batch,
+)
+from .loading import check_size, load_pipeline, native_size, resolve_device
+from .metadata import read_params
+from .prompts import ON_ERROR, OnError, Problem, PromptFileError, PromptRow, read_prompts
+
+logger = logging.getLogger(__name__)
+
+REPRODUCED_KEYS = ("prompt", "seed", "steps", "guidance", "width", "height", "method")
+"""Parameters a PNG must carry for ``reproduce``."""
+
+
+@dataclass
+class RenderConfig:
+    """Everything ``lindiff render`` takes; exactly one of ``prompt``, ``prompts``, ``reproduce``.
+
+    Attributes:
+        out: output folder (PNGs and ``manifest.jsonl``).
+        prompt: prompts given directly (item ``i`` gets index ``i``).
+        prompts: a prompt file (see :mod:`~lindiff.pipelines.prompts`).
+        reproduce: a PNG written by lindiff, rendered again from its parameters into ``out``
+            (``model`` and ``weights`` override the recorded ones, for moved files).
+        negative_prompt: default negative prompt.
+        model, method, weights, device, dtype, offload: see
+            :func:`~lindiff.pipelines.loading.load_pipeline`.
+        size: default ``(width, height)``; ``width``/``height`` override it; the model's native
+            size when all are ``None``.
+        steps, guidance: denoising steps and guidance scale.
+        seed: base seed; a row without its own seed gets ``seed + index``.
+        highres, stages, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
+        on_error: ``"abort"`` or ``"skip"`` malformed prompt-file lines (and rows whose size
+            the model cannot render).
+    """
+
+    out: str | os.PathLike = "renders"
+    prompt: list[str] | None = None
+    prompts: str | os.PathLike | None = None
+    reproduce: str | os.PathLike | None = None
+    negative_prompt: str = ""
+    model: str | None = None
+    method: str | None = "linfusion"
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    offload: bool = False
+    size: tuple[int, int] | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int = 0
+    highres: bool | None = None
+    stages: int | str = "auto"
+    tile: bool = False
+    on_error: OnError = "abort"
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("prompt", "prompts", "reproduce") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, prompts or reproduce; got {given or 'none'}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be non-negative, got {self.guidance}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {self.on_error!r}")
+        if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
+            raise ValueError(f"stages must be 'auto' or a positive integer, got {self.stages!r}")
+
+
+def _process_state(device: str) -> Any:
+    """The accelerate process state; CPU processes talk over gloo."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=resolve_device(device).type == "cpu")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise ValueError(
+            f"launched as {launched} processes, but accelerate set up only one; without GPUs, launch "
+            "with --cpu or ACCELERATE_USE_CPU=1 (each process would render every image otherwise)"
+        )
+    return state
+
+
+def _reproduction(config: RenderConfig) -> tuple[RenderOptions, RenderItem, str | None]:
+    """Options and the one item that re-render ``config.reproduce``, and its recorded weights hash."""
+    source = Path(config.reproduce)
+    params = read_params(source)
+    missing = [key for key in REPRODUCED_KEYS if key not in params]
+    if missing:
+        raise ValueError(f"{source} cannot be reproduced: its parameters lack {', '.join(missing)}")
+    target = Path(config.out) / source.name
+    if target.resolve() == source.resolve():
+        raise ValueError(
+            f"reproducing {source} into --out {config.out} would overwrite it; pick another --out"
+        )
+    options = RenderOptions(
+        model=config.model or params.get("model"),
+        method=params["method"],
+        weights=config.weights or params.get("weights"),
+        steps=params["steps"],
+        guidance=params["guidance"],
+        highres=params.get("highres", False),
+        stages=params.get("stages") or "auto",
+        tile=config.tile,
+    )
+    item = RenderItem(
+        0,
+        params["prompt"],
+        params.get("negative_prompt", ""),
+        params["seed"],
+        params["width"],
+        params["height"],
+        name=source.name,
+    )
+    return options, item, params.get("weights_sha256")
+
+
+def plan_items(
+    rows: list[PromptRow], pipe: Any, config: RenderConfig, source: str
+) -> tuple[list[RenderItem], list[Problem]]:
+    """The items for ``rows`` with the config's defaults filled in, and rows of sizes ``pipe`` cannot render.
+
+    Raises:
+        ValueError: the default size is invalid.
+    """
+    default_width, default_height = config.size or (None, None)
+    width = config.width or default_width or native_size(pipe)
+    height = config.height or default_height or native_size(pipe)
+    check_size(pipe, height, width)
+    items, problems = [], []
+    for row in rows:
+        item = RenderItem(
+            row.index,
+            row.prompt,
+            config.negative_prompt if row.negative_prompt is None else row.negative_prompt,
+            config.seed + row.index if row.seed is None else row.seed,
+            row.width or width,
+            row.height or height,
+        )
+        try:
+            check_size(pipe, item.height, item.width)
+        except ValueError as error:
+            problems.append(Problem(source, row.line, str(error)))
+            continue
+        items.append(item)
+    return items, problems
+
+
+def _report(problems: list[Problem], on_error: OnError) -> None:
+    if problems and on_error == "abort":
+        raise PromptFileError(problems)
+    for problem in problems:
+        logger.warning("skipped %s", problem)
+
+
+def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
+    """Load the pipeline and render ``config``'s batch (or reproduction) into ``config.out``.
+
+    Raises:
+        ValueError: invalid arguments, prompt file, model or size (with what is allowed).
+        FileNotFoundError: a missing prompt file or PNG, or the embedded model is not installed.
+        torch.OutOfMemoryError: the device ran out of memory.
+    """
+    recorded_hash = None
+    if config.reproduce:
+        options, item, recorded_hash = _reproduction(config)
+        rows, source = [], str(config.reproduce)
+    else:
+        options = RenderOptions(
+            model=config.model,
+            method=config.method,
+            weights=config.weights,
+            steps=config.steps,
+            guidance=config.guidance,
+            highres=config.highres,
+            stages=config.stages,
+            tile=config.tile,
+        )
+        if config.prompts:
+            rows, problems = read_prompts(config.prompts, config.on_error)
+            _report(problems, config.on_error)
+            source = str(config.prompts)
+        else:
+            rows = [PromptRow(i, i + 1, text) for i, text in enumerate(config.prompt or [])]
+            source = "--prompt"
+
+    state = _process_state(config.device)
+    # Under accelerate launch each process takes its own GPU.
+    device = str(state.device) if state.num_processes > 1 else config.device
+    pipe = load_pipeline(
+        options.model,
+        method=options.method,
+        weights=options.weights,
+        device=device,
+        dtype=config.dtype,
+        offload=config.offload,
+    )
+    renderer = Renderer(pipe, options)
+    if config.reproduce:
+        check_size(pipe, item.height, item.width)
+        current = renderer.params(item)["weights_sha256"]
+        if current != recorded_hash:
+            logger.warning(
+                "the weights differ from those %s was rendered with (hash %s, now %s); the image will differ",
+                config.reproduce,
+                recorded_hash,
+                current,
+            )
+        items = [item]
+    else:
+        items, problems = plan_items(rows, pipe, config, source)
+        _report(problems, config.on_error)
+    return render_batch(renderer, items, config.out, state, show_progress=show_progress)

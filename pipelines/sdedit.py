@@ -1,0 +1,74 @@
+"""SDEdit: the strength of every refining stage, and a scheduler that runs only the tail of its schedule.
+
+An SDEdit stage of strength ``s`` noises its input to ``s`` of the schedule and runs the last
+``int(num_inference_steps * s)`` steps. Pipelines without an image-to-image variant in diffusers do
+it through their text-to-image pipeline with a scheduler built by :func:`sdedit_scheduler`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def stage_strengths(strength_schedule: Sequence[float], num_stages: int) -> list[float]:
+    """The SDEdit strengths of stages 2..``num_stages``: the first ``num_stages - 1`` entries.
+
+    Raises:
+        ValueError: an entry is not in (0, 1], or the schedule is too short for the chain.
+    """
+    if isinstance(strength_schedule, (str, bytes)) or not isinstance(strength_schedule, Sequence):
+        raise ValueError(
+            f"strength_schedule must be a sequence of floats in (0, 1], got {strength_schedule!r}"
+        )
+    bad = [
+        s
+        for s in strength_schedule
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s <= 1
+    ]
+    if bad:
+        raise ValueError(f"strength_schedule entries must be in (0, 1], got {list(strength_schedule)}")
+    if len(strength_schedule) < num_stages - 1:
+        raise ValueError(
+            f"strength_schedule has {len(strength_schedule)} strengths but the {num_stages}-stage chain needs "
+            f"{num_stages - 1}; pass a longer strength_schedule or fewer stages"
+        )
+    return [float(s) for s in strength_schedule[: num_stages - 1]]
+
+
+class SDEditSchedule:
+    """Scheduler mixin: ``set_timesteps`` keeps only the last ``strength`` of the schedule.
+
+    Same cut as diffusers' image-to-image pipelines: ``int(num_inference_steps * strength)`` steps.
+    ``sigmas`` (DPM-Solver, Euler, flow matching) are cut alongside ``timesteps``. Built per
+    scheduler class by :func:`sdedit_scheduler`.
+    """
+
+    strength: float = 1.0
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(*args, **kwargs)
+        order = getattr(self, "order", 1)
+        steps = len(self.timesteps) // order
+        start = (steps - min(int(steps * self.strength), steps)) * order
+        self.timesteps = self.timesteps[start:]
+        sigmas = getattr(self, "sigmas", None)
+        if isinstance(sigmas, torch.Tensor) and len(sigmas) > start:
+            self.sigmas = sigmas[start:]
+
+
+@functools.cache
+def _sdedit_class(scheduler_class: type) -> type:
+    cls = type(f"SDEdit{scheduler_class.__name__}", (SDEditSchedule, scheduler_class), {})
+    # diffusers' retrieve_timesteps reads the signature to see which schedules a scheduler takes.
+    cls.set_timesteps.__signature__ = inspect.signature(scheduler_class.set_timesteps)
+    return cls
+
+
+def sdedit_scheduler(scheduler: Any) -> Any:
+    """A new scheduler of ``scheduler``'s class and config that runs only the SDEdit tail (see :class:`SDEditSchedule`)."""
+    return _sdedit_class(type(scheduler)).from_config(scheduler.config)

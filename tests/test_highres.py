@@ -1,0 +1,400 @@
+"""HighResPipeline: stage planning, the SDEdit chain on tiny SD and DiT pipelines, ControlNet, LoRA, memory hooks."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import tiny_dit_models
+import tiny_models
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from peft import LoraConfig
+
+import lindiff
+from lindiff.pipelines import HighResPipeline, HighResPipelineOutput, HighResProgress
+from lindiff.pipelines.highres import plan_stages, sdedit_scheduler, stage_strengths
+from lindiff.state import PROJECTIONS
+
+PROMPT = "a red circle above a blue square"
+# Tiny SD: native 16 px (sample_size 8, 2x VAE), sizes in multiples of 8 px. 48x64 px is 3 stages.
+HEIGHT, WIDTH = 48, 64
+STAGE_SIZES = [(16, 16), (24, 32), (48, 64)]
+STEPS = 5
+STRENGTHS = (0.4, 0.4)  # 2 steps in each SDEdit stage
+
+
+def chain(hr: HighResPipeline, **kwargs) -> HighResPipelineOutput:
+    """The 3-stage chain to HEIGHT x WIDTH with a fixed generator; images as tensors unless asked."""
+    kwargs = {
+        "height": HEIGHT,
+        "width": WIDTH,
+        "num_inference_steps": STEPS,
+        "strength_schedule": STRENGTHS,
+        "guidance_scale": 2.0,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "pt",
+        **kwargs,
+    }
+    return hr(PROMPT, **kwargs)
+
+
+def control_chain(hr: HighResPipeline, condition: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    return chain(
+        hr, image=tiny_dit_models.control_image(64, 64) if condition is None else condition, **kwargs
+    ).images
+
+
+# --- plan_stages / stage_strengths ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "native", "stages", "expected"),
+    [
+        (2048, 2048, 512, "auto", [(512, 512), (1024, 1024), (2048, 2048)]),
+        (4096, 4096, 1024, "auto", [(1024, 1024), (2048, 2048), (4096, 4096)]),
+        (1536, 1536, 512, "auto", [(512, 512), (888, 888), (1536, 1536)]),
+        (1024, 2048, 1024, "auto", [(728, 1448), (1024, 2048)]),
+        (512, 768, 512, "auto", [(416, 624), (512, 768)]),
+        (512, 512, 512, "auto", [(512, 512)]),
+        (256, 384, 512, "auto", [(256, 384)]),
+        (2048, 2048, 512, 2, [(512, 512), (2048, 2048)]),
+        (2048, 2048, 512, 1, [(2048, 2048)]),
+        (1024, 1024, 512, 4, [(512, 512), (648, 648), (816, 816), (1024, 1024)]),
+        (HEIGHT, WIDTH, 16, "auto", STAGE_SIZES),
+    ],
+)
+def test_plan_stages(height, width, native, stages, expected):
+    assert plan_stages(height, width, native, stages) == expected
+
+
+def test_plan_stages_rounds_to_the_model_multiple():
+    sizes = plan_stages(1024, 1536, 512, "auto", multiple=64)
+    assert sizes[-1] == (1024, 1536)
+    assert all(h % 64 == 0 and w % 64 == 0 for h, w in sizes)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"height": 1000},
+            r"height must be a positive multiple of 16 px .*got 1000 \(nearest valid: 992 or 1008\)",
+        ),
+        ({"width": 8}, r"width must be a positive multiple of 16 px .*got 8 \(nearest valid: 16\)"),
+        ({"width": 1024.0}, "width must be a positive multiple"),
+        ({"native_size": 0}, "native_size must be a positive int"),
+        ({"stages": 0}, "stages must be 'auto' or a positive int, got 0"),
+        ({"stages": "two"}, "stages must be 'auto' or a positive int, got 'two'"),
+        ({"stages": True}, "stages must be 'auto' or a positive int, got True"),
+        ({"native_size": 2048, "stages": 2}, "stages must be 1 .* not larger than the native 2048x2048"),
+    ],
+)
+def test_plan_stages_errors(kwargs, match):
+    arguments = {
+        "height": 1024,
+        "width": 1024,
+        "native_size": 512,
+        "stages": "auto",
+        "multiple": 16,
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=match):
+        plan_stages(**arguments)
+
+
+def test_stage_strengths():
+    assert stage_strengths((0.4, 0.3, 0.2, 0.1), 3) == [0.4, 0.3]
+    assert stage_strengths((0.4, 0.3, 0.2, 0.1), 1) == []
+    with pytest.raises(ValueError, match="strength_schedule has 4 strengths but the 6-stage chain needs 5"):
+        stage_strengths((0.4, 0.3, 0.2, 0.1), 6)
+    for bad in ((0.4, 0.0), (1.5,), "0.4", 0.4):
+        with pytest.raises(ValueError, match="strength_schedule"):
+            stage_strengths(bad, 2)
+
+
+# --- the chain on tiny SD ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd() -> HighResPipeline:
+    return HighResPipeline.from_pipe(tiny_models.sd_pipeline())
+
+
+def test_three_stage_chain_gives_the_requested_non_square_size(sd):
+    assert sd.native_size == 16 and sd.size_multiple == 8
+    out = chain(sd, output_type="pil", return_stages=True)
+    assert [image.size for image in out.images] == [(WIDTH, HEIGHT)]
+    assert [[image.size for image in stage] for stage in out.stages] == [[(w, h)] for h, w in STAGE_SIZES]
+    assert out.stages[-1] is out.images
+    assert chain(sd, output_type="np").images.shape == (1, HEIGHT, WIDTH, 3)
+
+
+def test_helper_pipelines_share_the_components(sd):
+    assert type(sd.img2img).__name__ == "StableDiffusionImg2ImgPipeline"
+    for helper in (sd.text2img, sd.img2img):
+        for name, component in sd.components.items():
+            assert getattr(helper, name, None) is component, name
+
+
+def test_from_pipe_replaces_components_like_diffusers():
+    base = tiny_models.sd_pipeline()
+    hr = HighResPipeline.from_pipe(base, controlnet=tiny_models.controlnet(base.unet))
+    assert type(hr.text2img).__name__ == "StableDiffusionControlNetPipeline"
+    assert type(hr.img2img).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+    assert hr.img2img.unet is base.unet
+    with pytest.raises(TypeError, match="pipe must be a diffusers DiffusionPipeline"):
+        HighResPipeline.from_pipe(base.unet)
+
+
+def test_on_progress_counts_every_step_and_its_exception_stops_the_run(sd):
+    events: list[HighResProgress] = []
+    chain(sd, on_progress=events.append)
+    expected = [(1, step, STEPS, 16, 16) for step in range(1, STEPS + 1)]
+    expected += [
+        (stage, step, 2, h, w)
+        for stage, (h, w) in ((2, STAGE_SIZES[1]), (3, STAGE_SIZES[2]))
+        for step in (1, 2)
+    ]
+    assert [(e.stage, e.step, e.num_steps, e.height, e.width) for e in events] == expected
+    assert {e.num_stages for e in events} == {3}
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(event: HighResProgress) -> None:
+        if event.stage == 2:
+            raise Cancelled
+
+    with (
+        mock.patch.object(sd.text2img.vae, "decode", wraps=sd.text2img.vae.decode) as decode,
+        pytest.raises(Cancelled),
+    ):
+        chain(sd, on_progress=cancel, sequential_cfg_above=0, feed_forward_chunk_size=4)
+    assert decode.call_count == 1  # stage 1 only
+    # Nothing of the call is left behind: tiling back off, no hooks.
+    assert sd.pipe.vae.use_tiling is False
+    assert not any(
+        getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in sd.pipe.unet.modules()
+    )
+
+
+def test_vae_tiling_is_used_and_restored(sd):
+    vae = sd.pipe.vae
+    assert vae.tile_sample_min_size == 16  # the tiny VAE tiles anything above 16 px
+    with (
+        mock.patch.object(vae, "_tiled_encode", wraps=vae._tiled_encode) as encode,
+        mock.patch.object(vae, "tiled_decode", wraps=vae.tiled_decode) as decode,
+    ):
+        tiled = chain(sd).images
+        assert (encode.call_count, decode.call_count) == (2, 2)  # stages 2 and 3 (stage 1 is one tile)
+        untiled = chain(sd, tile_vae=False).images
+        assert (encode.call_count, decode.call_count) == (2, 2)
+    assert vae.use_tiling is False
+    assert tiled.shape == untiled.shape and (tiled - untiled).abs().max() > 1e-3
+
+
+def test_sequential_cfg_halves_and_chunked_feed_forward_keep_the_output(sd):
+    batches: list[int] = []
+    handle = sd.pipe.unet.conv_in.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].shape[0])
+    )
+    try:
+        reference = chain(sd).images
+        assert set(batches) == {2}
+        batches.clear()
+        threshold = 16 * 16  # stages 2 and 3 only
+        halves = chain(sd, sequential_cfg_above=threshold, feed_forward_chunk_size=5).images
+    finally:
+        handle.remove()
+    assert batches == [2] * STEPS + [1] * 8  # 2 halves x 2 steps x 2 stages
+    torch.testing.assert_close(halves, reference, rtol=0, atol=1e-5)
+
+
+def test_skip_residual_changes_the_sdedit_stages(sd):
+    plain = chain(sd, return_stages=True)
+    residual = chain(sd, return_stages=True, skip_residual=True)
+    torch.testing.assert_close(residual.stages[0], plain.stages[0], rtol=0, atol=0)
+    assert (residual.images - plain.images).abs().max() > 1e-4
+    assert torch.isfinite(residual.images).all()
+
+
+def test_call_errors(sd):
+    cases = [
+        (
+            {"image": torch.rand(1, 3, 16, 16)},
+            "image is a ControlNet condition but StableDiffusionPipeline has no controlnet",
+        ),
+        ({"output_type": "latent"}, "output_type must be one of"),
+        ({"num_inference_steps": 2}, "num_inference_steps=2 gives no step at strength 0.4"),
+        ({"latents": torch.zeros(1)}, "latents are set by HighResPipeline"),
+        ({"max_sequence_length": 8}, "StableDiffusionPipeline takes no argument"),
+        ({"sequential_cfg_above": -1}, "sequential_cfg_above must be None or a pixel count"),
+        ({"feed_forward_chunk_size": 0}, "feed_forward_chunk_size must be None or a positive int"),
+        (
+            {"height": 50},
+            r"height must be a positive multiple of 8 px for this model, got 50 \(nearest valid: 48 or 56\)",
+        ),
+        ({"stages": 5}, "strength_schedule has 2 strengths but the 5-stage chain needs 4"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            chain(sd, **kwargs)
+    with pytest.raises(TypeError, match="pipe must be a text-to-image pipeline"):
+        HighResPipeline.from_pipe(tiny_models.img2img_pipeline())
+
+
+# --- ControlNet + LoRA + linearize ---------------------------------------------------------------
+
+
+def test_controlnet_and_lora_through_the_chain():
+    pipe = tiny_models.sd_controlnet_pipeline()
+    with torch.no_grad():  # zero-initialised in diffusers: without this the condition changes nothing
+        pipe.controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0, 0.1)
+    hr = HighResPipeline.from_pipe(pipe)
+    assert type(hr.img2img).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
+    conditions: list[tuple[int, ...]] = []
+    pipe.controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: conditions.append(tuple(kwargs["controlnet_cond"].shape[-2:])),
+        with_kwargs=True,
+    )
+    plain = control_chain(hr)
+    assert plain.shape == (1, 3, HEIGHT, WIDTH)
+    assert sorted(set(conditions)) == sorted(STAGE_SIZES)  # the condition at every stage's size
+    other = control_chain(hr, condition=tiny_dit_models.control_image(64, 64, seed=9))
+    assert (other - plain).abs().max() > 1e-3
+    unscaled = control_chain(hr, controlnet_conditioning_scale=0.0)
+    assert (unscaled - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="has a ControlNet: pass its condition as image"):
+        chain(hr)
+
+    torch.manual_seed(7)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(PROJECTIONS))
+    )
+    lora = control_chain(hr)
+    assert (lora - plain).abs().max() > 1e-3
+    half = control_chain(hr, cross_attention_kwargs={"scale": 0.5})
+    assert (half - lora).abs().max() > 1e-4 and (half - plain).abs().max() > 1e-4
+
+    lindiff.linearize(pipe)  # after from_pipe: the helpers share the converted modules
+    converted = control_chain(hr, sequential_cfg_above=0)
+    assert converted.shape == (1, 3, HEIGHT, WIDTH) and (converted - lora).abs().max() > 1e-4
+    lindiff.restore(pipe)
+    torch.testing.assert_close(control_chain(hr), lora, rtol=0, atol=0)
+
+
+def test_linearized_before_from_pipe_with_lora_from_a_folder(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    torch.manual_seed(7)
+    unet = tiny_models.unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=list(PROJECTIONS)))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    pipe = lindiff.linearize(tiny_models.sd_pipeline())
+    hr = HighResPipeline.from_pipe(pipe)
+    plain = chain(hr).images
+    pipe.load_lora_weights(tmp_path, adapter_name="style")
+    lora = chain(hr).images
+    assert lora.shape == (1, 3, HEIGHT, WIDTH) and (lora - plain).abs().max() > 1e-3
+
+
+# --- the SDEdit stage of families without an image-to-image pipeline ------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd-ddim", "sd-dpm", "sd3-flow"])
+def test_sdedit_schedule_matches_diffusers_img2img(family):
+    """Text-to-image with the truncated schedule and pre-noised latents is diffusers' img2img, exactly."""
+    if family == "sd3-flow":
+        pipe, extra = tiny_dit_models.sd3_pipeline(), {"max_sequence_length": 8}
+    else:
+        pipe, extra = tiny_models.sd_pipeline(), {}
+        if family == "sd-dpm":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    clean = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(1))
+    strength, steps = 0.6, 5
+    common = {
+        "prompt": PROMPT,
+        "num_inference_steps": steps,
+        "guidance_scale": 2.0,
+        "output_type": "latent",
+        **extra,
+    }
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    reference = img2img(
+        image=clean, strength=strength, generator=torch.Generator().manual_seed(3), **common
+    ).images
+
+    scheduler = sdedit_scheduler(pipe.scheduler)
+    scheduler.strength = strength
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == int(steps * strength)
+    noise = randn_tensor(clean.shape, generator=torch.Generator().manual_seed(3))
+    start = scheduler.timesteps[:1]
+    noised = (
+        scheduler.add_noise(clean, noise, start)
+        if family != "sd3-flow"
+        else scheduler.scale_noise(clean, start, noise)
+    )
+    text2img = type(pipe)(**{**pipe.components, "scheduler": scheduler})
+    text2img.set_progress_bar_config(disable=True)
+    ours = text2img(
+        height=24, width=32, latents=noised / getattr(scheduler, "init_noise_sigma", 1.0), **common
+    ).images
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+# --- diffusion transformers -----------------------------------------------------------------------
+
+DIT_FAMILIES = {
+    # family: (pipeline, extra arguments, size, skip_residual, image-to-image pipeline or None)
+    "pixart": (tiny_dit_models.pixart_pipeline, {"clean_caption": False}, (32, 48), False, None),
+    "sd3": (tiny_dit_models.sd3_pipeline, {}, (32, 48), True, "StableDiffusion3Img2ImgPipeline"),
+    "flux": (tiny_dit_models.flux_pipeline, {}, (32, 48), True, "FluxImg2ImgPipeline"),
+    "sana": (tiny_dit_models.sana_pipeline, {"complex_human_instruction": None}, (64, 96), True, None),
+}
+
+
+@pytest.mark.parametrize("family", list(DIT_FAMILIES))
+def test_dit_chain(family):
+    make, extra, (height, width), skip_residual, img2img = DIT_FAMILIES[family]
+    hr = HighResPipeline.from_pipe(make())
+    assert (type(hr.img2img).__name__ if hr.img2img is not None else None) == img2img
+    native = 32 if family == "sana" else 16  # FLUX has no sample_size in its config: pass it
+    events: list[HighResProgress] = []
+    out = hr(
+        tiny_dit_models.PROMPT,
+        height=height,
+        width=width,
+        native_size=native,
+        num_inference_steps=STEPS,
+        strength_schedule=STRENGTHS,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        skip_residual=skip_residual,
+        sequential_cfg_above=0,
+        feed_forward_chunk_size=8,
+        output_type="pt",
+        return_stages=True,
+        on_progress=events.append,
+        max_sequence_length=tiny_dit_models.TEXT_TOKENS,
+        **extra,
+    )
+    assert len(out.stages) == 3 and out.images.shape == (1, 3, height, width)
+    assert out.stages[0].shape[-2:] == (native, native)
+    assert [(e.stage, e.num_steps) for e in events] == [(1, STEPS)] * STEPS + [(2, 2), (2, 2), (3, 2), (3, 2)]
+    assert torch.isfinite(out.images).all()
+
+
+def test_pixart_rejects_skip_residual():
+    hr = HighResPipeline.from_pipe(tiny_dit_models.pixart_pipeline())
+    with pytest.raises(
+        ValueError, match="skip_residual needs callback_on_step_end, which PixArtAlphaPipeline lacks"
+    ):
+        hr(tiny_dit_models.PROMPT, height=32, width=48, num_inference_steps=STEPS, skip_residual=True)
