@@ -63,10 +63,14 @@ class SDEditSchedule:
 
 @functools.cache
 def _sdedit_class(scheduler_class: type) -> type:
-    cls = type(f"SDEdit{scheduler_class.__name__}", (SDEditSchedule, scheduler_class), {})
-    # diffusers' retrieve_timesteps reads the signature to see which schedules a scheduler takes.
-    cls.set_timesteps.__signature__ = inspect.signature(scheduler_class.set_timesteps)
-    return cls
+    def set_timesteps(self: Any, *args: Any, **kwargs: Any) -> None:
+        SDEditSchedule.set_timesteps(self, *args, **kwargs)
+
+    # diffusers' retrieve_timesteps reads the signature to see which schedules a scheduler takes;
+    # each class gets its own function so that signatures of different schedulers never mix.
+    set_timesteps.__signature__ = inspect.signature(scheduler_class.set_timesteps)
+    name = f"SDEdit{scheduler_class.__name__}"
+    return type(name, (SDEditSchedule, scheduler_class), {"set_timesteps": set_timesteps})
 
 
 def sdedit_scheduler(scheduler: Any) -> Any:

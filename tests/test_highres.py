@@ -350,6 +350,18 @@ def test_sdedit_schedule_matches_diffusers_img2img(family):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_sdedit_schedulers_keep_their_own_set_timesteps_signature():
+    import inspect
+
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = sdedit_scheduler(FlowMatchEulerDiscreteScheduler())
+    ddim = sdedit_scheduler(DDIMScheduler())
+    assert "sigmas" in inspect.signature(flow.set_timesteps).parameters
+    assert "sigmas" not in inspect.signature(ddim.set_timesteps).parameters
+    assert isinstance(ddim, DDIMScheduler) and isinstance(flow, FlowMatchEulerDiscreteScheduler)
+
+
 # --- diffusion transformers -----------------------------------------------------------------------
 
 DIT_FAMILIES = {

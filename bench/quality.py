@@ -1,0 +1,436 @@
+"""Image quality of a text-to-image pipeline and of its linear-attention student, scored by a shapes classifier.
+
+The teacher (softmax attention) and the student (``lindiff.linearize`` with trained weights, on
+the same pipeline object) render the same prompts with the same seeds at 1x, 2x and 4x the
+native size (direct generation at that size). The shipped classifier (``lindiff.evaluation``)
+finds the objects of every image and scores:
+
+- prompt accuracy: the objects are exactly those the caption names (colour, shape, count);
+- position accuracy: on prompts with a relation, the relation holds (min separation 0.1);
+- Fréchet distance between classifier features of generated images and of real renders of the
+  same scenes (biased upwards for few images: compare teacher and student at one scale);
+- ControlNet adherence: IoU of the detected object pixels with the condition mask;
+- LoRA: stripe score (luminance std inside the objects) with and without the stripes LoRA.
+
+The classifier's scores on real renders of the same prompts (prompt and position accuracy, mask
+IoU with the condition; at every scale) validate the metrics: they should be close to 1.
+
+    python bench/quality.py                  # shipped tiny-shapes assets; prints a time estimate
+    python bench/quality.py --quick          # a few prompts per scale
+    python bench/quality.py --model DIR --weights DIR --classifier DIR --controlnet none --lora none
+
+Prompts are ``make_example(10_000_000 + i, size, world)`` (the generator trains on seeds below
+1_000_000), from the shipped model's training world (``--world training``: one or two objects,
+six colours) unless ``--world full``.
+Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import device_label, save_results  # bench/ is on sys.path when run as a script
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from PIL import Image, ImageDraw, ImageFont
+
+import lindiff
+import lindiff.assets
+from lindiff.assets.architectures import TRAINING_WORLD
+from lindiff.cli import environment
+from lindiff.data import Example, ShapesConfig, condition_image, make_example, render, to_tensor
+from lindiff.evaluation import (
+    DETECTION_SIZE,
+    EVAL_SEEDS,
+    POSITION_SEPARATION,
+    ShapeClassifier,
+    detect_objects,
+    frechet_distance,
+    mask_iou,
+    prompt_scores,
+    stripe_score,
+)
+
+TEACHER_TARGET = 0.80
+"""Least teacher prompt accuracy at native size."""
+STUDENT_GAP = 0.03
+"""Most the student may trail the teacher at native size."""
+LORA_ADAPTER = "stripes"
+WORLDS: dict[str, ShapesConfig] = {"training": TRAINING_WORLD, "full": ShapesConfig()}
+"""Scene distributions to draw prompts from (``make_example(seed, size, world)``)."""
+TILE = 128
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="pipeline folder (default: the tiny-shapes asset)")
+    parser.add_argument("--weights", help="student weights (default: tiny-shapes-linfusion; 'none': fresh)")
+    parser.add_argument("--method", default="linfusion", help="lindiff method of the student")
+    parser.add_argument("--controlnet", help="ControlNetModel folder (default: the asset; 'none': skip)")
+    parser.add_argument("--lora", help="LoRA folder (default: tiny-shapes-lora-stripes; 'none': skip)")
+    parser.add_argument("--classifier", help="ShapeClassifier folder (default: tiny-shapes-classifier)")
+    parser.add_argument(
+        "--scales", type=int, nargs="+", default=[1, 2, 4], help="multiples of the native size"
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, nargs="+", help="prompts per scale (default 200 50 25; --quick 16 4 2)"
+    )
+    parser.add_argument(
+        "--num-control",
+        type=int,
+        nargs="+",
+        help="ControlNet prompts per scale (default 50 10 0; --quick 4 2 0)",
+    )
+    parser.add_argument("--num-lora", type=int, help="LoRA prompts at native size (default 50; --quick 4)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts per pipeline call at native size (divided by the scale)",
+    )
+    parser.add_argument("--columns", type=int, default=6, help="prompts shown in the PNG grid")
+    parser.add_argument(
+        "--world",
+        choices=list(WORLDS),
+        default="training",
+        help="scenes the prompts describe: the shipped model's training world (1-2 objects, 6 colours) "
+        "or the full shapes world",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts (see the counts above)")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quality-<device>.json)")
+    args = parser.parse_args(argv)
+    defaults = {"num_prompts": [16, 4, 2], "num_control": [4, 2, 0], "num_lora": 4}
+    if not args.quick:
+        defaults = {"num_prompts": [200, 50, 25], "num_control": [50, 10, 0], "num_lora": 50}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("num_prompts", "num_control"):
+        counts = getattr(args, name)
+        if len(counts) < len(args.scales) or any(n < 0 for n in counts):
+            parser.error(f"--{name.replace('_', '-')} needs a count >= 0 for each of --scales {args.scales}")
+        setattr(args, name, counts[: len(args.scales)])
+    if any(s < 1 for s in args.scales) or len(set(args.scales)) != len(args.scales):
+        parser.error(f"--scales must be distinct positive ints; got {args.scales}")
+    if min(args.num_prompts) < 2:
+        parser.error(f"--num-prompts must be at least 2 per scale (Fréchet distance); got {args.num_prompts}")
+    if args.num_lora > args.num_prompts[0] or (args.scales[0] != 1 and args.num_lora):
+        parser.error("--num-lora must not exceed the prompts of the first scale, which must be 1")
+    if min(args.steps, args.batch_size, args.columns) < 1:
+        parser.error("--steps, --batch-size and --columns must be at least 1")
+    return args
+
+
+def asset(value: str | None, name: str) -> str | None:
+    """``value`` as given, ``None`` for ``"none"``, or the shipped asset ``name`` when not given."""
+    if value is None:
+        return lindiff.assets.path(name)
+    return None if value.lower() == "none" else value
+
+
+def generate(
+    pipe: StableDiffusionPipeline,
+    examples: Sequence[Example],
+    size: int,
+    args: argparse.Namespace,
+    conditions: Sequence[Image.Image] | None = None,
+) -> torch.Tensor:
+    """Images ``(N, 3, size, size)`` in ``[-1, 1]`` for the examples' captions; example ``i``'s seed seeds its noise.
+
+    Prompts go in batches of ``args.batch_size`` divided by the scale (memory grows with the size).
+    """
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    batch_size = max(1, args.batch_size * native // size)
+    images = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        extra = {} if conditions is None else {"image": list(conditions[start : start + batch_size])}
+        output = pipe(
+            prompt=[example.text for example in batch],
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=[torch.Generator().manual_seed(example.scene.seed) for example in batch],
+            output_type="pt",
+            **extra,
+        )
+        images.append(output.images.float().cpu() * 2.0 - 1.0)
+    return torch.cat(images)
+
+
+def seconds_per_image(pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace) -> float:
+    """Rough seconds per image at ``size`` and ``args.steps`` (from 1- and 3-step calls on 2 prompts)."""
+
+    def call(steps: int) -> float:
+        start = time.perf_counter()
+        pipe(
+            ["a red circle"] * 2,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance,
+            output_type="pt",
+        )
+        return time.perf_counter() - start
+
+    call(1)
+    one, three = call(1), call(3)
+    per_step = max(three - one, 0.0) / 4
+    return max(one / 2 - per_step, 0.0) + args.steps * per_step
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` in ``[-1, 1]`` as an RGB image."""
+    return Image.fromarray(image.add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def score(
+    classifier: ShapeClassifier, images: torch.Tensor, examples: Sequence[Example], real: torch.Tensor
+) -> tuple[dict, list]:
+    """Prompt/position accuracy and Fréchet distance to the ``real`` features; also the detections."""
+    detections = detect_objects(classifier, images)
+    scores = prompt_scores([example.spec for example in examples], detections)
+    with torch.no_grad():
+        features = torch.cat([classifier.features(chunk).cpu() for chunk in images.split(32)])
+    result = {key: value for key, value in scores.items() if not isinstance(value, list)}
+    result["frechet_distance"] = frechet_distance(features, real[: len(images)])
+    return result, detections
+
+
+def control_scores(detections: list, conditions: Sequence[Image.Image], examples: Sequence[Example]) -> dict:
+    """Mean and median IoU of each image's detected object pixels with its condition mask."""
+    ious = []
+    for objects, condition in zip(detections, conditions, strict=True):
+        foreground = np.zeros((DETECTION_SIZE, DETECTION_SIZE), dtype=bool)
+        for obj in objects:
+            foreground |= obj.mask
+        ious.append(mask_iou(foreground, condition))
+    accuracy = prompt_scores([example.spec for example in examples], detections)["prompt_accuracy"]
+    return {
+        "mask_iou": statistics.fmean(ious),
+        "mask_iou_median": statistics.median(ious),
+        "prompt_accuracy": accuracy,
+        "num_prompts": len(ious),
+    }
+
+
+def mean_stripes(images: torch.Tensor, detections: list) -> float | None:
+    """Mean :func:`stripe_score` over the images with objects (their masks stacked); ``None`` if none."""
+    values = [
+        stripe_score(image, np.stack([obj.mask for obj in objects]))
+        for image, objects in zip(images, detections, strict=True)
+        if objects
+    ]
+    values = [value for value in values if not math.isnan(value)]
+    return statistics.fmean(values) if values else None
+
+
+def save_grid(titles: Sequence[str], rows: Sequence[tuple[str, Sequence[Image.Image]]], path: Path) -> Path:
+    """A PNG with one labelled row per entry of ``rows`` and a caption above each column."""
+    font = ImageFont.load_default()
+    label_width, line = 170, 12
+    wrapped = [textwrap.wrap(title, 22) for title in titles]
+    header = line * max((len(lines) for lines in wrapped), default=1) + 6
+    sheet = Image.new(
+        "RGB", (label_width + TILE * len(titles), header + (TILE + 4) * len(rows)), (255, 255, 255)
+    )
+    draw = ImageDraw.Draw(sheet)
+    for column, lines in enumerate(wrapped):
+        for index, text in enumerate(lines):
+            draw.text((label_width + column * TILE + 3, 3 + index * line), text, fill=(0, 0, 0), font=font)
+    for row, (label, images) in enumerate(rows):
+        top = header + row * (TILE + 4)
+        for index, text in enumerate(textwrap.wrap(label, 26)):
+            draw.text((4, top + 4 + index * line), text, fill=(0, 0, 0), font=font)
+        for column, image in enumerate(images[: len(titles)]):
+            sheet.paste(
+                image.resize((TILE, TILE), Image.Resampling.LANCZOS), (label_width + column * TILE, top)
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def targets(generation: dict) -> dict:
+    """The issue's targets, each with its value and whether it is met (absent scales are left out)."""
+    teacher, student = generation["teacher"], generation["student"]
+    found = {}
+    if "1x" in teacher:
+        value = teacher["1x"]["prompt_accuracy"]
+        found["teacher_prompt_accuracy_1x_at_least_0.80"] = {"value": value, "met": value >= TEACHER_TARGET}
+        gap = teacher["1x"]["prompt_accuracy"] - student["1x"]["prompt_accuracy"]
+        found["student_within_3_points_of_teacher_1x"] = {
+            "teacher_minus_student": gap,
+            "met": gap <= STUDENT_GAP,
+        }
+    for key in teacher:
+        if key != "1x":
+            gap = teacher[key]["prompt_accuracy"] - student[key]["prompt_accuracy"]
+            found[f"student_not_worse_than_teacher_{key}"] = {"teacher_minus_student": gap, "met": gap <= 0.0}
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    paths = {
+        "model": asset(args.model, "tiny-shapes"),
+        "weights": asset(args.weights, "tiny-shapes-linfusion"),
+        "controlnet": asset(args.controlnet, "tiny-shapes-controlnet"),
+        "lora": asset(args.lora, "tiny-shapes-lora-stripes"),
+        "classifier": asset(args.classifier, "tiny-shapes-classifier"),
+    }
+    if paths["model"] is None or paths["classifier"] is None:
+        raise SystemExit("quality.py: --model and --classifier cannot be 'none'")
+    pipe = StableDiffusionPipeline.from_pretrained(paths["model"], torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = ShapeClassifier.from_pretrained(paths["classifier"]).to(device).eval()
+    control_pipe = None
+    if paths["controlnet"] is not None:
+        controlnet = ControlNetModel.from_pretrained(paths["controlnet"], torch_dtype=dtype).to(device)
+        control_pipe = StableDiffusionControlNetPipeline(
+            **pipe.components, controlnet=controlnet, requires_safety_checker=False
+        )
+        control_pipe.set_progress_bar_config(disable=True)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sizes = {f"{scale}x": native * scale for scale in args.scales}
+    counts = dict(zip(sizes, args.num_prompts, strict=True))
+    control_counts = dict(zip(sizes, args.num_control, strict=True)) if control_pipe else {}
+    num_lora = args.num_lora if paths["lora"] else 0
+    world = WORLDS[args.world]
+    examples = [make_example(EVAL_SEEDS + i, native, world) for i in range(max(args.num_prompts))]
+    print(f"quality of {paths['model']} on {device_label(device)}: sizes {sizes}, prompts {counts}")
+
+    per_image = {key: seconds_per_image(pipe, size, args) for key, size in sizes.items()}
+    work = {key: counts[key] + 1.5 * control_counts.get(key, 0) for key in sizes}
+    work["1x"] = work.get("1x", 0) + num_lora
+    estimate = 2 * sum(per_image[key] * work[key] for key in sizes)
+    print(f"estimated time: {estimate / 60:.1f} min (teacher speed for both; seconds per image {per_image})")
+
+    real = {}
+    for key, size in sizes.items():
+        chosen = examples[: counts[key]]
+        renders = torch.stack([to_tensor(render(example.scene, size)) for example in chosen])
+        detections = detect_objects(classifier, renders)
+        scores = prompt_scores([example.spec for example in chosen], detections)
+        real[key] = {name: value for name, value in scores.items() if not isinstance(value, list)}
+        masks = [condition_image(example.scene, "mask", size) for example in chosen]
+        real[key]["mask_iou"] = control_scores(detections, masks, chosen)["mask_iou"]
+    native_renders = torch.stack([to_tensor(render(example.scene)) for example in examples])
+    with torch.no_grad():
+        real_features = torch.cat([classifier.features(chunk).cpu() for chunk in native_renders.split(32)])
+    print(f"classifier on real renders: {real}")
+
+    generation: dict[str, dict] = {"teacher": {}, "student": {}}
+    control: dict[str, dict] = {"teacher": {}, "student": {}}
+    lora: dict[str, dict] = {}
+    conditions = {
+        key: [condition_image(example.scene, "mask", size) for example in examples[: control_counts[key]]]
+        for key, size in sizes.items()
+        if control_counts.get(key)
+    }
+    shown: dict[str, list[Image.Image]] = {
+        "real": [render(example.scene) for example in examples[: args.columns]]
+    }
+    student_target = control_pipe if control_pipe is not None else pipe
+    for variant in ("teacher", "student"):
+        if variant == "student":
+            lindiff.linearize(student_target, method=args.method, weights=paths["weights"])
+        plain_stripes = None
+        for key, size in sizes.items():
+            start = time.perf_counter()
+            chosen = examples[: counts[key]]
+            images = generate(pipe, chosen, size, args)
+            generation[variant][key], detections = score(classifier, images, chosen, real_features)
+            generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
+            shown[f"{variant} {key} ({size} px)"] = [to_pil(image) for image in images[: args.columns]]
+            print(f"{variant} {key}: {generation[variant][key]}")
+            if key == "1x" and num_lora:
+                plain_stripes = mean_stripes(images[:num_lora], detections[:num_lora])
+        for key, key_conditions in conditions.items():
+            chosen = examples[: len(key_conditions)]
+            images = generate(control_pipe, chosen, sizes[key], args, key_conditions)
+            control[variant][key] = control_scores(detect_objects(classifier, images), key_conditions, chosen)
+            shown[f"{variant} + ControlNet {key}"] = [to_pil(image) for image in images[: args.columns]]
+            print(f"{variant} + ControlNet {key}: {control[variant][key]}")
+        if num_lora:
+            pipe.load_lora_weights(paths["lora"], adapter_name=LORA_ADAPTER)
+            chosen = examples[:num_lora]
+            images = generate(pipe, chosen, native, args)
+            pipe.unload_lora_weights()
+            detections = detect_objects(classifier, images)
+            lora[variant] = {
+                "stripe_score_without_lora": plain_stripes,
+                "stripe_score_with_lora": mean_stripes(images, detections),
+                "prompt_accuracy_with_lora": prompt_scores([e.spec for e in chosen], detections)[
+                    "prompt_accuracy"
+                ],
+                "num_prompts": num_lora,
+            }
+            shown[f"{variant} + LoRA 1x"] = [to_pil(image) for image in images[: args.columns]]
+            print(f"{variant} + LoRA: {lora[variant]}")
+    lindiff.restore(student_target)
+
+    rows = ["real"] + [
+        f"{variant} {key} ({size} px)" for key, size in sizes.items() for variant in generation
+    ]
+    for key, key_conditions in conditions.items():
+        shown[f"condition {key}"] = key_conditions[: args.columns]
+        rows += [f"condition {key}"] + [f"{variant} + ControlNet {key}" for variant in control]
+    rows += [f"{variant} + LoRA 1x" for variant in lora]
+    label = device_label(device, short=True) + ("-quick" if args.quick else "")
+    out = args.out or Path(f"quality-{label}.json")
+    result = {
+        "benchmark": "quality",
+        "description": __doc__.split("\n\n")[0],
+        "environment": environment(),
+        "device": device_label(device),
+        "config": {
+            **paths,
+            "method": args.method,
+            "native_size": native,
+            "sizes": sizes,
+            "num_prompts": counts,
+            "num_control": control_counts,
+            "num_lora": num_lora,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "prompt_seeds": f"{EVAL_SEEDS} + i",
+            "world": {"name": args.world, **dataclasses.asdict(world)},
+            "position_min_separation": POSITION_SEPARATION,
+        },
+        "classifier_on_real": real,
+        "generation": generation,
+        "controlnet": control if control_counts else None,
+        "lora": lora or None,
+        "targets": targets(generation),
+        "estimated_seconds": estimate,
+        "seconds": time.perf_counter() - started,
+    }
+    path = save_results(result, out)
+    titles = [example.text for example in examples[: args.columns]]
+    grid = save_grid(titles, [(row, shown[row]) for row in rows], path.with_suffix(".png"))
+    print(f"targets: {result['targets']}")
+    print(f"saved {path} and {grid} in {result['seconds'] / 60:.1f} min")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Configurations of the tiny-shapes models: 128 px images, 16x16x4 latents.
+
+Sizes follow the CPU budget in DESIGN.md: a UNet of a few million parameters on 16x16 latents
+trains at about a second per batch of 32 on two cores.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..data import ShapesConfig
+
+NATIVE_SIZE = 128
+LATENT_CHANNELS = 4
+TEXT_WIDTH = 128
+
+TRAINING_WORLD = ShapesConfig(
+    num_objects=(1, 2),
+    size_range=(0.25, 0.45),
+    colours=("red", "green", "blue", "yellow", "purple", "white"),
+)
+"""The part of the shapes world the embedded model learns: one or two objects, six colours."""
+
+BETAS = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+}
+
+
+def vae() -> AutoencoderKL:
+    """8x down-sampling autoencoder, 4 latent channels, about 1M parameters (narrow at full resolution)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=NATIVE_SIZE,
+    )
+
+
+def text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """Three-layer CLIP text transformer, width 128."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=TEXT_WIDTH,
+    )
+    return CLIPTextModel(config)
+
+
+def unet() -> UNet2DConditionModel:
+    """Three-level UNet with self- and cross-attention at 16x16 and 8x8, about 3.2M parameters."""
+    return UNet2DConditionModel(
+        sample_size=NATIVE_SIZE // 8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=32,
+        norm_num_groups=8,
+    )
+
+
+def controlnet(base: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet copying ``base``'s encoder; its condition embedding maps 128 px to 16x16."""
+    return ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(16, 32, 64, 64))
+
+
+def scheduler() -> DPMSolverMultistepScheduler:
+    """The sampler shipped with the pipeline (20 steps give clean images)."""
+    return DPMSolverMultistepScheduler(**BETAS, prediction_type="epsilon", steps_offset=1)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

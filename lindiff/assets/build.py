@@ -1,0 +1,368 @@
+"""Rebuild every shipped asset from a seed: ``python -m lindiff.assets.build --out DIR``.
+
+Stages run in order; each one's result is kept under ``DIR/.build`` (or ``--work``), so an
+interrupted build (Ctrl-C, a crash) continues where it stopped when run again with the same
+arguments. The long stages also checkpoint inside themselves. The per-stage wall times are
+written to ``DIR/tiny-shapes/build.json``.
+
+    vae            AutoencoderKL on 64 px crops of rendered scenes (plain and striped)
+    latents        encode the training corpus once
+    text-to-image  CLIP text encoder and UNet, trained together         -> DIR/tiny-shapes
+    classifier     the benchmark's per-pixel classifier                 -> DIR/tiny-shapes-classifier
+    student        LinFusion student with `lindiff.distill`             -> DIR/tiny-shapes-linfusion
+    controlnet     ControlNet on object masks                           -> DIR/tiny-shapes-controlnet
+    lora           stripes LoRA                                         -> DIR/tiny-shapes-lora-stripes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .. import linearize, save_weights
+from ..data import write_folder
+from ..version import __version__
+from . import architectures
+from .autoencoder import encode, round_trip, train_vae
+from .corpus import Corpus, render_corpus
+from .denoiser import token_ids, train_controlnet, train_lora, train_text_to_image
+from .tokenizer import write_tokenizer
+
+logger = logging.getLogger("lindiff.assets.build")
+
+STAGES = ("vae", "latents", "text-to-image", "classifier", "student", "controlnet", "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Sizes of the build. :meth:`full` is what ships; :meth:`smoke` only exercises the code."""
+
+    corpus: int
+    striped: int
+    vae_steps: int
+    unet_steps: int
+    classifier_steps: int
+    student_steps: int
+    student_images: int
+    controlnet_steps: int
+    lora_steps: int
+    unet_batch: int = 24
+    batch: int = 8
+
+    @classmethod
+    def full(cls) -> BuildPlan:
+        return cls(12_000, 2_000, 1_500, 3_000, 500, 400, 1_200, 200, 150)
+
+    @classmethod
+    def smoke(cls) -> BuildPlan:
+        return cls(64, 32, 2, 2, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
+
+
+class Build:
+    """One build into ``out``; intermediate results and stage records live in ``work``."""
+
+    def __init__(self, out: Path, work: Path, plan: BuildPlan, seed: int, device: torch.device) -> None:
+        self.out, self.work, self.plan, self.seed, self.device = out, work, plan, seed, device
+        self.record_path = work / "stages.json"
+        self.records: dict[str, float] = (
+            json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        )
+        self._corpus: Corpus | None = None
+        self._striped: Corpus | None = None
+
+    # Shared inputs, made lazily: a resumed build only renders what its remaining stages need.
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        folder = self.work / "tokenizer"
+        if not (folder / "vocab.json").exists():
+            write_tokenizer(folder)
+        return CLIPTokenizer.from_pretrained(folder)
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            self._corpus = render_corpus(
+                self.plan.corpus, self.seed, architectures.NATIVE_SIZE, architectures.TRAINING_WORLD
+            )
+        return self._corpus
+
+    @property
+    def striped(self) -> Corpus:
+        if self._striped is None:
+            subset = Corpus(
+                self.corpus.images[: self.plan.striped],
+                self.corpus.labels[: self.plan.striped],
+                self.corpus.captions[: self.plan.striped],
+            )
+            self._striped = subset.striped()
+        return self._striped
+
+    def vae(self) -> AutoencoderKL:
+        return AutoencoderKL.from_pretrained(self.work / "vae")
+
+    def latents(self) -> dict[str, torch.Tensor]:
+        return torch.load(self.work / "latents.pt", weights_only=True)
+
+    def text_to_image(self) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+        return CLIPTextModel.from_pretrained(
+            self.work / "text_encoder"
+        ), UNet2DConditionModel.from_pretrained(self.work / "unet")
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        text_encoder, unet = self.text_to_image()
+        return StableDiffusionPipeline(
+            vae=self.vae(),
+            text_encoder=text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=architectures.scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    # Stages.
+    def stage_vae(self) -> None:
+        both = Corpus(
+            torch.cat([torch.from_numpy(self.corpus.images), torch.from_numpy(self.striped.images)]).numpy(),
+            torch.cat([torch.from_numpy(self.corpus.labels), torch.from_numpy(self.striped.labels)]).numpy(),
+            self.corpus.captions + self.striped.captions,
+        )
+        vae = train_vae(
+            both,
+            self.work / "runs" / "vae",
+            steps=self.plan.vae_steps,
+            batch_size=self.plan.batch // 2,
+            seed=self.seed,
+            device=self.device,
+        )
+        vae.save_pretrained(self.work / "vae")
+
+    def stage_latents(self) -> None:
+        vae = self.vae()
+        tokenizer = self.tokenizer
+        latents = {
+            "latents": encode(vae, self.corpus, self.device),
+            "ids": token_ids(tokenizer, self.corpus.captions),
+            "striped": encode(vae, self.striped, self.device),
+        }
+        torch.save(latents, self.work / "latents.pt")
+
+    def stage_text_to_image(self) -> None:
+        data = self.latents()
+        text_encoder, unet = train_text_to_image(
+            data["latents"],
+            data["ids"],
+            self.tokenizer,
+            self.work / "runs" / "text-to-image",
+            steps=self.plan.unet_steps,
+            batch_size=self.plan.unet_batch,
+            seed=self.seed,
+            device=self.device,
+        )
+        text_encoder.save_pretrained(self.work / "text_encoder")
+        unet.save_pretrained(self.work / "unet")
+        pipe = self.pipeline()
+        _replace(self.out / "tiny-shapes", lambda tmp: _save_pipeline(pipe, tmp))
+
+    def stage_classifier(self) -> None:
+        from ..evaluation.training import train_classifier
+
+        vae = self.vae().to(self.device).eval()
+        _replace(
+            self.out / "tiny-shapes-classifier",
+            lambda tmp: train_classifier(
+                tmp,
+                steps=self.plan.classifier_steps,
+                seed=self.seed,
+                reconstruct=lambda x: round_trip(vae, x),
+                device=str(self.device),
+            ),
+        )
+
+    def stage_student(self) -> None:
+        from ..distill import DistillConfig, distill
+
+        images = write_folder(
+            self.work / "student-data",
+            self.plan.student_images,
+            seed=self.seed + 2_000_000,
+            config=architectures.TRAINING_WORLD,
+        )
+        config = DistillConfig(
+            model=self.pipeline(),
+            output_dir=self.work / "runs" / "student",
+            image_folder=str(images),
+            resolution=architectures.NATIVE_SIZE,
+            max_steps=self.plan.student_steps,
+            batch_size=self.plan.batch,
+            learning_rate=1e-3,
+            lr_warmup_steps=min(30, self.plan.student_steps),
+            lr_scheduler="constant_with_warmup",
+            checkpoint_every=100,
+            validation_every=0,
+            log_with="none",
+            seed=self.seed,
+            resume=True,
+            cpu=self.device.type == "cpu",
+        )
+        result = distill(config)
+        if result.weights is None:
+            raise KeyboardInterrupt("student: interrupted; run again to resume")
+        pipe = linearize(self.pipeline(), method="linfusion", weights=str(result.weights))
+        pipe.unet.half()
+        _replace(self.out / "tiny-shapes-linfusion", lambda tmp: save_weights(pipe, tmp))
+
+    def stage_controlnet(self) -> None:
+        data = self.latents()
+        text_encoder, unet = self.text_to_image()
+        controlnet = train_controlnet(
+            unet,
+            text_encoder,
+            data["latents"],
+            data["ids"],
+            self.corpus.masks,
+            self.tokenizer,
+            self.work / "runs" / "controlnet",
+            steps=self.plan.controlnet_steps,
+            batch_size=self.plan.batch,
+            seed=self.seed,
+            device=self.device,
+        )
+        _replace(self.out / "tiny-shapes-controlnet", lambda tmp: controlnet.half().save_pretrained(tmp))
+
+    def stage_lora(self) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        data = self.latents()
+        text_encoder, unet = self.text_to_image()
+        state = train_lora(
+            unet,
+            text_encoder,
+            data["striped"],
+            data["ids"][: self.plan.striped],
+            self.tokenizer,
+            self.work / "runs" / "lora",
+            steps=self.plan.lora_steps,
+            batch_size=self.plan.batch,
+            seed=self.seed,
+            device=self.device,
+        )
+        layers = {k: v.half() for k, v in convert_state_dict_to_diffusers(state).items()}
+        _replace(
+            self.out / "tiny-shapes-lora-stripes",
+            lambda tmp: StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=layers, safe_serialization=True
+            ),
+        )
+
+    def run(self, stages: Sequence[str]) -> dict[str, float]:
+        """Run ``stages`` in build order, skipping those already recorded as done."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        for name in STAGES:
+            if name not in stages or name in self.records:
+                continue
+            logger.info("stage %s", name)
+            started = time.perf_counter()
+            getattr(self, "stage_" + name.replace("-", "_"))()
+            self.records[name] = round(time.perf_counter() - started, 1)
+            self.record_path.write_text(json.dumps(self.records, indent=2) + "\n")
+            logger.info("stage %s done in %.0f s", name, self.records[name])
+        self.write_summary()
+        return self.records
+
+    def write_summary(self) -> None:
+        folder = self.out / "tiny-shapes"
+        if not folder.is_dir():
+            return
+        summary = {
+            "lindiff": __version__,
+            "seed": self.seed,
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "plan": dataclasses.asdict(self.plan),
+            "world": dataclasses.asdict(architectures.TRAINING_WORLD),
+            "stage_seconds": self.records,
+            "total_seconds": round(sum(self.records.values()), 1),
+        }
+        (folder / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
+    """Save in fp16, except the text encoder (small, and fp32 keeps CPU loading dtype-consistent), with vocab files."""
+    pipe.vae.half()
+    pipe.unet.half()
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # Recent transformers save only tokenizer.json; older ones load CLIPTokenizer from these files.
+    write_tokenizer(folder / "tokenizer")
+    (folder / "world.json").write_text(
+        json.dumps(dataclasses.asdict(architectures.TRAINING_WORLD), indent=2) + "\n"
+    )
+
+
+def _replace(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write a folder through ``write(tmp)`` and move it into place, replacing any old one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lindiff.assets.build", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the assets into")
+    parser.add_argument("--work", type=Path, default=None, help="intermediate results (default: OUT/.build)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGES),
+        choices=STAGES,
+        metavar="STAGE",
+        help=f"stages to run (default: all): {', '.join(STAGES)}",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code path in a minute")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.seed < 0:
+        raise SystemExit(f"--seed must be non-negative; got {args.seed}")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    plan = BuildPlan.smoke() if args.smoke else BuildPlan.full()
+    build = Build(args.out, args.work or args.out / ".build", plan, args.seed, device)
+    try:
+        records = build.run(args.stages)
+    except KeyboardInterrupt as error:
+        print(f"build interrupted: {error}. Run the same command again to continue.", file=sys.stderr)
+        return 130
+    print(json.dumps(records, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Stages that train denoisers on cached latents: the text-to-image UNet with its text
+encoder, the mask ControlNet, and the stripes LoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import architectures
+from .loop import ExponentialAverage, train
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """``int64 (N, model_max_length)`` padded ids, as the pipeline tokenizes prompts."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+class _Batches:
+    """Random batches of latents, ids (with caption dropout) and noisy inputs."""
+
+    def __init__(
+        self, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, seed: int, drop: float
+    ) -> None:
+        self.latents, self.ids, self.empty, self.drop = latents, ids, empty, drop
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.noise_scheduler = DDPMScheduler(**architectures.BETAS)
+
+    def __call__(
+        self, batch_size: int
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = self.rng.integers(len(self.latents), size=batch_size)
+        latents = self.latents[index]
+        ids = self.ids[index].clone()
+        ids[torch.from_numpy(self.rng.random(batch_size) < self.drop)] = self.empty
+        noise = torch.randn(latents.shape, generator=self.generator)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=self.generator
+        )
+        return index, ids, self.noise_scheduler.add_noise(latents, noise, t), t, noise
+
+
+def train_text_to_image(
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+    work_dir: Path,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 4e-4,
+    seed: int = 0,
+    device: torch.device,
+) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    """Train text encoder and UNet together on epsilon prediction, 10% empty captions, EMA 0.995.
+
+    Returns the EMA weights.
+    """
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict(
+        {"text_encoder": architectures.text_encoder(tokenizer), "unet": architectures.unet()}
+    )
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ema = ExponentialAverage(model, decay=0.995)
+    batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1)
+
+    def step(i: int) -> torch.Tensor:
+        _, batch_ids, noisy, t, noise = batches(batch_size)
+        text = model["text_encoder"](batch_ids.to(device)).last_hidden_state
+        prediction = model["unet"](noisy.to(device), t.to(device), text).sample
+        return F.mse_loss(prediction, noise.to(device))
+
+    train("text-to-image", work_dir, model, optimizer, step, steps, ema=ema, warmup=100)
+    ema.copy_to(model)
+    model.cpu().eval()
+    return model["text_encoder"], model["unet"]
+
+
+def train_controlnet(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    conditions: Callable[[np.ndarray], torch.Tensor],
+    tokenizer: CLIPTokenizer,
+    work_dir: Path,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    seed: int = 0,
+    device: torch.device,
+) -> ControlNetModel:
+    """Train a ControlNet; ``conditions(index)`` gives the ``(B, 3, S, S)`` masks of latents ``index``.
+
+    UNet and text encoder stay frozen.
+
+    Half of the captions are dropped, so the condition alone must place the shapes.
+    """
+    torch.manual_seed(seed)
+    controlnet = architectures.controlnet(unet).to(device)
+    unet.to(device).requires_grad_(False)
+    text_encoder.to(device).requires_grad_(False)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr)
+    batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed + 1, drop=0.5)
+
+    def step(i: int) -> torch.Tensor:
+        index, batch_ids, noisy, t, noise = batches(batch_size)
+        with torch.no_grad():
+            text = text_encoder(batch_ids.to(device)).last_hidden_state
+        noisy, t = noisy.to(device), t.to(device)
+        down, mid = controlnet(
+            noisy, t, text, controlnet_cond=conditions(index).to(device), return_dict=False
+        )
+        prediction = unet(
+            noisy, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+        return F.mse_loss(prediction, noise.to(device))
+
+    train("controlnet", work_dir, controlnet, optimizer, step, steps, warmup=50)
+    unet.cpu().requires_grad_(True)
+    text_encoder.cpu().requires_grad_(True)
+    return controlnet.cpu().eval()
+
+
+def train_lora(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+    work_dir: Path,
+    *,
+    steps: int,
+    rank: int = 8,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    seed: int = 0,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Train a LoRA (attention projections and ResNet convolutions) on ``latents`` of a new style.
+
+    Returns the PEFT state dict of the adapter; ``unet`` is left without it.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
+    unet.to(device)
+    text_encoder.to(device).requires_grad_(False)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed + 2, drop=0.1)
+
+    def step(i: int) -> torch.Tensor:
+        _, batch_ids, noisy, t, noise = batches(batch_size)
+        with torch.no_grad():
+            text = text_encoder(batch_ids.to(device)).last_hidden_state
+        prediction = unet(noisy.to(device), t.to(device), text).sample
+        return F.mse_loss(prediction, noise.to(device))
+
+    train("lora", work_dir, unet, optimizer, step, steps, warmup=20)
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+    unet.delete_adapters("default")
+    unet.cpu().requires_grad_(True)
+    text_encoder.cpu().requires_grad_(True)
+    return state

@@ -1,0 +1,59 @@
+"""Scoring of generated shape images: a per-pixel classifier, object detection and metrics.
+
+A small :class:`ShapeClassifier`, trained on rendered scenes of :mod:`lindiff.data` (corrupted
+to look generated), labels every pixel with a colour (or background) and a shape. Connected
+components of one colour become :class:`DetectedObject` s, which the metrics compare with what
+the prompt's :class:`~lindiff.data.SceneSpec` says (GenEval-style prompt accuracy, position
+accuracy); the classifier's pooled features give a Fréchet distance to real renders.
+
+    from lindiff.evaluation import ShapeClassifier, detect_objects, prompt_correct
+    classifier = ShapeClassifier.from_pretrained(lindiff.assets.path("tiny-shapes-classifier"))
+    objects = detect_objects(classifier, images)[0]          # images: (B, 3, H, W) in [-1, 1]
+    prompt_correct(parse_caption(prompt), objects)
+
+``python -m lindiff.evaluation.training --out DIR`` trains a classifier (a few minutes on a CPU);
+``bench/quality.py`` scores a pipeline and its linear-attention student with it.
+"""
+
+from .classifier import ClassifierOutput, ShapeClassifier
+from .detection import (
+    DETECTION_SIZE,
+    MIN_AREA,
+    DetectedObject,
+    connected_components,
+    detect_from_logits,
+    detect_objects,
+)
+from .metrics import (
+    POSITION_SEPARATION,
+    frechet_distance,
+    mask_iou,
+    position_correct,
+    prompt_correct,
+    prompt_scores,
+    stripe_score,
+)
+from .training import EVAL_SEEDS, TRAIN_SEEDS, Augmentations, real_accuracy, train_classifier
+
+__all__ = [
+    "DETECTION_SIZE",
+    "EVAL_SEEDS",
+    "MIN_AREA",
+    "POSITION_SEPARATION",
+    "TRAIN_SEEDS",
+    "Augmentations",
+    "ClassifierOutput",
+    "DetectedObject",
+    "ShapeClassifier",
+    "connected_components",
+    "detect_from_logits",
+    "detect_objects",
+    "frechet_distance",
+    "mask_iou",
+    "position_correct",
+    "prompt_correct",
+    "prompt_scores",
+    "real_accuracy",
+    "stripe_score",
+    "train_classifier",
+]

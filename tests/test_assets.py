@@ -1,0 +1,136 @@
+"""The embedded tiny-shapes assets: tokenizer, build code path, and the shipped files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+import lindiff
+from lindiff import assets
+from lindiff.assets.architectures import TRAINING_WORLD
+from lindiff.assets.build import main as build_main
+from lindiff.assets.tokenizer import word_merges, write_tokenizer
+from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
+from lindiff.data.styles import stripes
+from lindiff.evaluation import EVAL_SEEDS, ShapeClassifier, detect_objects, prompt_scores
+
+SHIPPED_LIMIT_BYTES = 25 * 1024 * 1024
+
+
+def test_tokenizer_keeps_every_word_whole(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    for word in VOCABULARY:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, (word, tokenizer.convert_ids_to_tokens(ids))
+    tokens = tokenizer.tokenize("two blue stars to the left of a red circle")
+    assert tokens == [
+        w + "</w>" for w in ["two", "blue", "stars", "to", "the", "left", "of", "a", "red", "circle"]
+    ]
+    assert tokenizer.tokenize("a purple dragon")[:2] == ["a</w>", "purple</w>"]
+    ids = tokenizer("a purple dragon!").input_ids  # unknown words become pieces, never <unk>
+    assert ids.count(tokenizer.unk_token_id) == 1 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_word_merges_later_words_do_not_change_earlier_ones() -> None:
+    first = word_merges(["red", "green"])
+    both = word_merges(["red", "green", "reddish", "greener"])
+    assert both[: len(first)] == first
+
+
+def test_stripes_change_only_objects() -> None:
+    scene = make_example(3).scene
+    from lindiff.data import render
+
+    image = np.asarray(render(scene))
+    labels = label_map(scene)
+    striped = stripes(image, labels)
+    assert np.array_equal(striped[labels == 0], image[labels == 0])
+    changed = (striped != image).any(axis=-1)
+    assert 0.3 < changed[labels > 0].mean() < 0.7
+    with pytest.raises(ValueError, match="image must be"):
+        stripes(image[:10], labels)
+
+
+def test_asset_path_errors() -> None:
+    with pytest.raises(ValueError, match="name must be one of"):
+        assets.path("not-an-asset")
+
+
+@pytest.mark.slow
+def test_build_smoke_writes_loadable_assets(tmp_path: Path) -> None:
+    """Every stage of the build runs (tiny sizes) and its outputs load the standard diffusers way."""
+    out = tmp_path / "assets"
+    assert build_main(["--out", str(out), "--smoke", "--device", "cpu"]) == 0
+    summary = json.loads((out / "tiny-shapes" / "build.json").read_text())
+    assert set(summary["stage_seconds"]) == {
+        "vae",
+        "latents",
+        "text-to-image",
+        "classifier",
+        "student",
+        "controlnet",
+        "lora",
+    }
+    pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-shapes")
+    lindiff.linearize(pipe, weights=str(out / "tiny-shapes-linfusion"))
+    pipe.load_lora_weights(str(out / "tiny-shapes-lora-stripes"))
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 128, 128, 3)
+    # Running again is a no-op: every stage is recorded as done.
+    assert build_main(["--out", str(out), "--smoke", "--device", "cpu"]) == 0
+
+
+def _generate(pipe, prompt: str, **kwargs) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    out = pipe(prompt, num_inference_steps=4, generator=generator, output_type="pt", **kwargs)
+    return out.images
+
+
+def test_shipped_assets_fit_the_budget() -> None:
+    files = [p for name in assets.ASSETS for p in Path(assets.path(name)).rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= SHIPPED_LIMIT_BYTES, f"shipped assets take {total / 2**20:.1f} MiB"
+    assert all(p.suffix in {".json", ".txt", ".safetensors"} for p in files), files
+
+
+def test_shipped_pipeline_student_lora_and_controlnet() -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(assets.path("tiny-shapes"))
+    prompt = "a red star above a blue circle"
+    teacher = _generate(pipe, prompt)
+    assert teacher.shape == (1, 3, 128, 128)
+    lindiff.linearize(pipe, weights=assets.path("tiny-shapes-linfusion"))
+    student = _generate(pipe, prompt)
+    assert not torch.equal(student, teacher)
+    pipe.load_lora_weights(assets.path("tiny-shapes-lora-stripes"))
+    assert not torch.equal(_generate(pipe, prompt), student)
+    pipe.unload_lora_weights()
+    controlnet = ControlNetModel.from_pretrained(assets.path("tiny-shapes-controlnet"))
+    control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    scene = make_example(10_000_000).scene
+    images = _generate(control, "a green square", image=condition_image(scene, "mask"))
+    assert images.shape == (1, 3, 128, 128)
+
+
+def test_shipped_classifier_reads_real_renders() -> None:
+    """The benchmark's classifier finds exactly the captioned objects in clean renders of held-out scenes."""
+    classifier = ShapeClassifier.from_pretrained(assets.path("tiny-shapes-classifier")).eval()
+    examples = [make_example(EVAL_SEEDS + i, 128, TRAINING_WORLD) for i in range(32)]
+    renders = torch.stack([to_tensor(render(example.scene)) for example in examples])
+    scores = prompt_scores([example.spec for example in examples], detect_objects(classifier, renders))
+    assert scores["prompt_accuracy"] >= 0.9, scores
+
+
+def test_shipped_tokenizer_has_its_vocab_files() -> None:
+    """vocab.json and merges.txt ship beside tokenizer.json: transformers 4.x builds CLIPTokenizer from them."""
+    folder = Path(assets.path("tiny-shapes")) / "tokenizer"
+    from_files = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    shipped = CLIPTokenizer.from_pretrained(folder)
+    text = "two blue stars to the left of a red circle"
+    assert from_files(text).input_ids == shipped(text).input_ids

@@ -1,0 +1,335 @@
+"""lindiff.evaluation: metrics on hand-made specs, detection on ground truth, classifier I/O, bench smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+import lindiff
+from lindiff.data import (
+    SHAPE_COLOURS,
+    SHAPES,
+    ObjectGroup,
+    SceneSpec,
+    condition_image,
+    make_example,
+    masks,
+    render,
+    to_tensor,
+)
+from lindiff.evaluation import (
+    EVAL_SEEDS,
+    Augmentations,
+    DetectedObject,
+    ShapeClassifier,
+    connected_components,
+    detect_from_logits,
+    detect_objects,
+    frechet_distance,
+    mask_iou,
+    position_correct,
+    prompt_correct,
+    prompt_scores,
+    real_accuracy,
+    stripe_score,
+    train_classifier,
+)
+from lindiff.evaluation.classifier import SILHOUETTE_MARGIN, crop_silhouettes
+from lindiff.evaluation.training import add_stripes, augment, ground_truth, silhouettes
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def obj(colour: str, shape: str, x: float = 0.5, y: float = 0.5) -> DetectedObject:
+    return DetectedObject(
+        colour, shape, (x, y), (x - 0.1, y - 0.1, x + 0.1, y + 0.1), 0.04, np.zeros((4, 4), bool)
+    )
+
+
+def one_hot_logits(examples: list, size: int) -> torch.Tensor:
+    """Ground-truth colours at ``size`` px as logits: 1 for the true class, 0 elsewhere."""
+    _, colours, _, _ = ground_truth(examples, size)
+    return F.one_hot(colours, 1 + len(SHAPE_COLOURS)).permute(0, 3, 1, 2).float()
+
+
+def true_shapes(examples: list) -> Callable[[np.ndarray], list[str]]:
+    """Names masks ``(N, 128, 128)`` by the ground-truth object (of any example) of highest IoU."""
+    truth = torch.cat([torch.from_numpy(masks(example.scene)) for example in examples]).flatten(1).float()
+    names = [obj.shape for example in examples for obj in example.scene.objects]
+
+    def name_shapes(found: np.ndarray) -> list[str]:
+        found = torch.from_numpy(found).flatten(1).float()
+        overlap = found @ truth.T
+        iou = overlap / (found.sum(dim=1, keepdim=True) + truth.sum(dim=1) - overlap)
+        return [names[index] for index in iou.argmax(dim=1).tolist()]
+
+    return name_shapes
+
+
+def test_prompt_correct_needs_exact_kinds_and_counts():
+    spec = SceneSpec((ObjectGroup(2, "red", "circle"), ObjectGroup(1, "blue", "star")))
+    right = [obj("red", "circle"), obj("blue", "star"), obj("red", "circle")]
+    assert prompt_correct(spec, right)
+    assert not prompt_correct(spec, right[:2])  # one red circle missing
+    assert not prompt_correct(spec, [*right, obj("red", "circle")])  # an extra object of a named kind
+    assert not prompt_correct(spec, [*right, obj("green", "square")])  # an unnamed object
+    assert not prompt_correct(spec, [obj("red", "circle"), obj("blue", "square"), obj("red", "circle")])
+    assert not prompt_correct(spec, [])
+
+
+def test_position_correct():
+    spec = SceneSpec((ObjectGroup(1, "red", "circle"), ObjectGroup(1, "blue", "star")), relation="left")
+    left, right = obj("red", "circle", 0.2, 0.5), obj("blue", "star", 0.7, 0.55)
+    assert position_correct(spec, [left, right]) is True
+    assert position_correct(spec, [obj("red", "circle", 0.8, 0.5), right]) is False
+    assert position_correct(spec, [left]) is False  # the reference is missing
+    close = obj("red", "circle", 0.62, 0.55)  # 0.08 to the left: too close for 0.1
+    assert position_correct(spec, [close, right]) is False
+    assert position_correct(spec, [close, right], min_separation=0.05) is True
+    assert position_correct(SceneSpec((ObjectGroup(1, "red", "circle"),)), [left]) is None
+    scores = prompt_scores([spec, SceneSpec((ObjectGroup(1, "red", "circle"),))], [[left, right], [left]])
+    assert scores["prompt_accuracy"] == 1.0 and scores["position_accuracy"] == 1.0
+    assert scores["num_with_relation"] == 1
+    with pytest.raises(ValueError, match="same length"):
+        prompt_scores([spec], [])
+
+
+def test_connected_components_are_8_connected_and_per_colour():
+    classes = np.zeros((6, 7), dtype=np.int64)
+    classes[0, 0] = classes[1, 1] = 1  # diagonal neighbours: one component
+    classes[3:5, 3:5] = 2
+    classes[3:5, 5] = 3  # touches class 2 but is another colour
+    classes[5, 0:3] = 1  # class 1 again, not touching the first
+    labels, count = connected_components(classes)
+    assert count == 4
+    assert labels[0, 0] == labels[1, 1] != labels[5, 0]
+    assert len({labels[3, 3], labels[3, 5], labels[5, 0], labels[0, 0]}) == 4
+    assert (labels[classes == 0] == 0).all()
+    assert connected_components(np.zeros((3, 3), dtype=np.int64))[1] == 0
+
+
+@pytest.mark.parametrize("logit_size", [128, 64])
+def test_detection_of_ground_truth_is_perfect(logit_size):
+    """One-hot ground truth through the classifier's code path: every prompt and relation is right."""
+    examples = [make_example(EVAL_SEEDS + i) for i in range(40)]
+    detections = detect_from_logits(
+        one_hot_logits(examples, logit_size), SHAPE_COLOURS, true_shapes(examples)
+    )
+    scores = prompt_scores([example.spec for example in examples], detections)
+    assert scores["prompt_accuracy"] == 1.0
+    assert scores["num_with_relation"] > 0 and scores["position_accuracy"] == 1.0
+    for example, objects in zip(examples[:10], detections[:10], strict=True):
+        foreground = np.logical_or.reduce([o.mask for o in objects])
+        iou = mask_iou(foreground, condition_image(example.scene, "mask"))
+        assert iou == 1.0 if logit_size == 128 else iou > 0.85  # 64 px labels: ~1 px border error
+        for true in example.scene.objects:
+            nearest = min(
+                objects, key=lambda o: np.hypot(o.center[0] - true.center[0], o.center[1] - true.center[1])
+            )
+            assert (nearest.colour, nearest.shape) == (true.colour, true.shape)
+            if true.shape in ("circle", "square"):  # symmetric: the centroid is the centre
+                assert np.allclose(nearest.center, true.center, atol=0.01)
+
+
+def test_detection_drops_small_components_and_votes_colours():
+    colour_logits = torch.zeros(1, 1 + len(SHAPE_COLOURS), 100, 100)
+    colour_logits[:, 0] = 1.0
+    colour_logits[0, 1, 10:30, 10:30] = 2.0  # 4% of the image
+    colour_logits[0, 6, 10:30, 10:13] = 3.0  # an orange edge on the red square: still one red object
+    colour_logits[0, 2, 60:65, 60:65] = 2.0  # 0.25%
+    named = []
+
+    def name_shapes(found: np.ndarray) -> list[str]:
+        named.append(found.shape)
+        return ["square"] * len(found)
+
+    (objects,) = detect_from_logits(colour_logits, SHAPE_COLOURS, name_shapes, size=None)
+    assert [(o.colour, o.shape) for o in objects] == [("red", "square")]
+    assert named == [(1, 100, 100)]
+    assert objects[0].area == pytest.approx(0.04)
+    assert objects[0].box == pytest.approx((0.1, 0.1, 0.3, 0.3))
+    assert objects[0].center == pytest.approx((0.2, 0.2))
+    everything = detect_from_logits(colour_logits, SHAPE_COLOURS, name_shapes, size=None, min_area=0)
+    assert len(everything[0]) == 2
+    assert detect_from_logits(torch.zeros(2, 9, 8, 8), SHAPE_COLOURS, name_shapes) == [[], []]
+    with pytest.raises(ValueError, match="colour_logits"):
+        detect_from_logits(colour_logits[:, :3], SHAPE_COLOURS, name_shapes)
+
+
+def test_silhouette_crops_centre_the_object():
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[0, 10:20, 30:50] = True  # a 20 x 10 bar, off-centre
+    crops = crop_silhouettes(mask, 32)
+    assert crops.shape == (2, 1, 32, 32) and crops[1].sum() == 0
+    on = crops[0, 0] > 0.5
+    rows, cols = on.any(dim=1).nonzero()[:, 0], on.any(dim=0).nonzero()[:, 0]
+    assert abs((rows[0] + rows[-1]) / 2 - 15.5) <= 0.5 and abs((cols[0] + cols[-1]) / 2 - 15.5) <= 0.5
+    assert cols[-1] - cols[0] + 1 == pytest.approx(32 / SILHOUETTE_MARGIN, abs=1.5)
+    examples = [make_example(EVAL_SEEDS + i) for i in range(4)]
+    _, _, object_masks, shapes = ground_truth(examples)
+    noisy = silhouettes(object_masks, 32, torch.Generator().manual_seed(0))
+    assert noisy.shape == (len(shapes), 1, 32, 32) and (noisy.flatten(1).amax(dim=1) > 0.5).all()
+
+
+def test_frechet_distance():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 8, generator=generator)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.zeros(8)
+    shift[0] = 2.0
+    assert frechet_distance(a, a + shift) == pytest.approx(4.0, rel=1e-6)
+    distances = [frechet_distance(a, a * scale) for scale in (1.0, 1.5, 2.0, 3.0)]
+    assert distances == sorted(distances) and distances[-1] > 1.0
+    assert frechet_distance(a.numpy(), torch.randn(50, 8, generator=generator).numpy()) > 0
+    with pytest.raises(ValueError, match="features_a"):
+        frechet_distance(a[:1], a)
+    with pytest.raises(ValueError, match="same F"):
+        frechet_distance(a, a[:, :4])
+
+
+def test_mask_iou():
+    pred = np.zeros((8, 8), bool)
+    pred[:4] = True
+    condition = np.zeros((8, 8), bool)
+    condition[2:6] = True
+    assert mask_iou(pred, condition) == pytest.approx(16 / 48)
+    assert mask_iou(pred, pred) == 1.0
+    assert mask_iou(np.zeros((8, 8), bool), np.zeros((8, 8), bool)) == 1.0
+    big = np.kron(condition, np.ones((2, 2), bool))  # the same mask at twice the size
+    assert mask_iou(pred, big) == pytest.approx(16 / 48)
+    example = make_example(EVAL_SEEDS)
+    truth = np.asarray(condition_image(example.scene, "mask").convert("L")) > 127
+    assert mask_iou(truth, condition_image(example.scene, "mask", size=256)) > 0.97
+    with pytest.raises(ValueError, match="pred_mask"):
+        mask_iou(np.zeros(8, bool), condition)
+
+
+def test_stripe_score_separates_flat_fills_from_stripes():
+    examples = [make_example(EVAL_SEEDS + i) for i in range(8)]
+    images, colours, _, _ = ground_truth(examples)
+    striped = add_stripes(images, colours, torch.ones(8, dtype=torch.bool), torch.Generator().manual_seed(0))
+    for index, example in enumerate(examples):
+        objects = masks(example.scene)  # one mask per object: their colours differ
+        assert stripe_score(images[index], objects) < 0.01
+        assert stripe_score(striped[index], objects) > 0.05
+        assert stripe_score(render(example.scene), objects) < 0.01
+    assert stripe_score(images[0], (colours[0] > 0).numpy()) >= 0.0  # one (H, W) mask works too
+    assert np.isnan(stripe_score(images[0], np.zeros((128, 128), bool)))
+
+
+def test_augment_moves_targets_with_flips_and_calls_reconstruct():
+    examples = [make_example(EVAL_SEEDS + i) for i in range(4)]
+    images, colours, _, _ = ground_truth(examples)
+    calls = []
+
+    def reconstruct(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        return batch
+
+    only_flip = Augmentations(
+        stripes=0, flip=1, reconstruct=0.5, jitter=0, drift=0, resample=0, blur=0, noise=0, jpeg=0
+    )
+    out = augment(images.clone(), colours.clone(), torch.Generator(), only_flip, reconstruct)
+    torch.testing.assert_close(out[0], images.flip(-1))
+    assert torch.equal(out[1], colours.flip(-1))
+    assert calls == [2]
+    full = augment(images.clone(), colours.clone(), torch.Generator().manual_seed(1))
+    assert full[0].shape == images.shape and full[0].abs().max() <= 1.0
+    with pytest.raises(ValueError, match="blur"):
+        Augmentations(blur=1.5)
+    with pytest.raises(ValueError, match="max_morph"):
+        Augmentations(max_morph=-1)
+
+
+def test_classifier_outputs_save_load_round_trip(tmp_path):
+    classifier = ShapeClassifier().eval()
+    assert sum(p.numel() for p in classifier.parameters()) < 500_000
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    assert classifier(images).colour_logits.shape == (2, 1 + len(SHAPE_COLOURS), 128, 128)
+    assert classifier.features(images).shape == (2, classifier.feature_dim)
+    assert classifier(torch.rand(1, 3, 200, 200)).colour_logits.shape[-1] == 128  # any size is resized
+    object_masks = torch.zeros(3, 128, 128, dtype=torch.bool)
+    object_masks[:, 40:80, 50:70] = True
+    assert classifier.shape_logits(object_masks).shape == (3, len(SHAPES))
+    classifier.half().save_pretrained(tmp_path)
+    loaded = ShapeClassifier.from_pretrained(tmp_path).float()
+    classifier.float()
+    assert loaded.colours == SHAPE_COLOURS and loaded.shapes == SHAPES
+    torch.testing.assert_close(loaded(images).colour_logits, classifier(images).colour_logits)
+    torch.testing.assert_close(loaded.shape_logits(object_masks), classifier.shape_logits(object_masks))
+    with pytest.raises(ValueError, match="images"):
+        classifier(torch.rand(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="masks"):
+        classifier.shape_logits(object_masks[0])
+    with pytest.raises(ValueError, match="crops"):
+        classifier.shape_logits(torch.zeros(3, 1, 16, 16), crops=True)
+    with pytest.raises(ValueError, match="widths"):
+        ShapeClassifier(widths=(16, 20))
+
+
+def test_train_classifier_is_deterministic_and_saves(tmp_path):
+    first = train_classifier(tmp_path / "a", steps=2, batch_size=4, seed=3, progress=False)
+    second = train_classifier(None, steps=2, batch_size=4, seed=3, progress=False)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b.half().float()), name  # the first returns what it saved: fp16 weights
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert record["steps"] == 2 and record["seed"] == 3
+    loaded = ShapeClassifier.from_pretrained(tmp_path / "a")
+    renders = torch.stack([to_tensor(render(make_example(EVAL_SEEDS).scene))])
+    assert len(detect_objects(loaded, renders)) == 1
+    scores = real_accuracy(loaded, count=3, blur=1.0, noise=0.05)
+    assert scores["num_prompts"] == 3 and 0.0 <= scores["prompt_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="steps"):
+        train_classifier(None, steps=0)
+
+
+@pytest.fixture(scope="module")
+def bench_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny pipeline, its LinFusion weights, ControlNet, LoRA and an untrained classifier, saved."""
+    root = tmp_path_factory.mktemp("quality")
+    pipe = tiny_models.sd_pipeline()
+    pipe.save_pretrained(root / "model")
+    tiny_models.controlnet(pipe.unet).save_pretrained(root / "controlnet")
+    lindiff.linearize(pipe)
+    lindiff.save_weights(pipe, root / "weights")
+    lindiff.restore(pipe)
+    unet = tiny_models.unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    ShapeClassifier().save_pretrained(root / "classifier")
+    return {name: root / name for name in ("model", "controlnet", "weights", "lora", "classifier")}
+
+
+def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    out = tmp_path / "quality.json"
+    argv = [f"--{name}={path}" for name, path in bench_folders.items()]
+    argv += ["--quick", "--scales", "1", "2", "--num-prompts", "3", "2", "--num-control", "2", "0"]
+    argv += ["--num-lora", "2", "--steps", "2", "--columns", "3", "--out", str(out)]
+    quality.main(argv)
+    result = json.loads(out.read_text())
+    assert {"config", "classifier_on_real", "generation", "controlnet", "lora", "targets"} <= set(result)
+    for variant in ("teacher", "student"):
+        assert set(result["generation"][variant]) == {"1x", "2x"}
+        assert {"prompt_accuracy", "position_accuracy", "frechet_distance"} <= set(
+            result["generation"][variant]["1x"]
+        )
+        assert 0.0 <= result["controlnet"][variant]["1x"]["mask_iou"] <= 1.0
+        assert "stripe_score_with_lora" in result["lora"][variant]
+    assert result["config"]["sizes"] == {"1x": 16, "2x": 32}
+    assert all(isinstance(target["met"], bool) for target in result["targets"].values())
+    assert out.with_suffix(".png").is_file()
