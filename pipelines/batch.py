@@ -20,12 +20,13 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .highres import HighResPipeline, HighResProgress
 from .loading import native_size
 from .manifest import Manifest
 from .metadata import generation_params, save_png
@@ -97,19 +98,8 @@ class RenderOptions:
     tile: bool = False
 
 
-class StepProgress(NamedTuple):
-    """Where an image is: denoising ``step`` of ``num_steps`` in stage ``stage`` of ``num_stages``."""
-
-    stage: int
-    num_stages: int
-    step: int
-    num_steps: int
-    height: int
-    width: int
-
-
-ProgressCallback = Callable[[Any], None]
-"""Called with a :class:`StepProgress` or a ``HighResProgress`` (same fields)."""
+ProgressCallback = Callable[[HighResProgress], None]
+"""Called after every denoising step; a render without the high-resolution chain is stage 1 of 1."""
 
 
 class Renderer:
@@ -163,8 +153,6 @@ class Renderer:
             call["negative_prompt"] = item.negative_prompt
         if self.uses_highres(item):
             if self._highres is None:
-                from .highres import HighResPipeline
-
                 self._highres = HighResPipeline.from_pipe(self.pipe)
             # Tiled VAE coding costs nothing below the tile size and saves much above it.
             call.update(stages=self.options.stages, tile_vae=True, on_progress=progress)
@@ -172,7 +160,7 @@ class Renderer:
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "num_timesteps", None) or self.options.steps
-            progress(StepProgress(1, 1, step + 1, total, item.height, item.width))
+            progress(HighResProgress(1, 1, step + 1, total, item.height, item.width))
             return tensors
 
         return self.pipe(item.prompt, callback_on_step_end=on_step_end, **call).images[0]
@@ -248,7 +236,7 @@ class _ImageBar:
         self.bar.reset(total=0)
         self.bar.set_description(self.name)
 
-    def __call__(self, progress: Any) -> None:
+    def __call__(self, progress: HighResProgress) -> None:
         if progress.stage != self.stage:
             self.stage = progress.stage
             self.bar.reset(total=progress.num_steps)
