@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -135,8 +136,8 @@ class Build:
     # Stages.
     def stage_vae(self) -> None:
         both = Corpus(
-            torch.cat([torch.from_numpy(self.corpus.images), torch.from_numpy(self.striped.images)]).numpy(),
-            torch.cat([torch.from_numpy(self.corpus.labels), torch.from_numpy(self.striped.labels)]).numpy(),
+            np.concatenate([self.corpus.images, self.striped.images]),
+            np.concatenate([self.corpus.labels, self.striped.labels]),
             self.corpus.captions + self.striped.captions,
         )
         vae = train_vae(
