@@ -72,6 +72,7 @@ def test_build_smoke_writes_loadable_assets(tmp_path: Path) -> None:
     assert set(summary["stage_seconds"]) == {
         "vae",
         "latents",
+        "decoder",
         "text-to-image",
         "classifier",
         "student",

@@ -46,14 +46,12 @@ def train_vae(
         coarse = i < coarse_steps
         index = rng.integers(len(corpus), size=2 * batch_size if coarse else batch_size)
         images = corpus.tensors(index).to(device)
-        weight = 1.0 + (object_weight - 1.0) * corpus.masks(index)[:, :1].to(device)
+        weight = _pixel_weight(corpus, index, object_weight).to(device)
         if coarse:
             images, weight = F.avg_pool2d(images, 2), F.avg_pool2d(weight, 2)
-        weight = weight / weight.mean()
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.mode()).sample
-        error = (recon - images).abs() + (recon - images).square()
-        return (weight * error).mean() + KL_WEIGHT * posterior.kl().mean()
+        return _reconstruction_loss(recon, images, weight) + KL_WEIGHT * posterior.kl().mean()
 
     train("vae", work_dir, vae, optimizer, step, steps, warmup=30, clip=None)
     vae.eval()
@@ -62,6 +60,56 @@ def train_vae(
         means = torch.cat([vae.encode(chunk.to(device)).latent_dist.mean for chunk in sample.split(64)])
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     return vae.cpu()
+
+
+def finetune_decoder(
+    vae: AutoencoderKL,
+    corpus: Corpus,
+    latents: torch.Tensor,
+    work_dir: Path,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    object_weight: float = 10.0,
+    seed: int = 0,
+    device: torch.device,
+) -> AutoencoderKL:
+    """Fine-tune only the decoder on ``latents`` ``(N, 4, S/8, S/8)`` (scaled, from :func:`encode`) -> corpus images.
+
+    The encoder, and so the latents the UNet learns, stay as they are; the decoder sees full
+    size images at a larger batch than :func:`train_vae` could afford (as Stable Diffusion's
+    ft-MSE decoder was made). Same loss as :func:`train_vae` without the KL term.
+    """
+    torch.manual_seed(seed)
+    vae = vae.to(device).train()
+    vae.requires_grad_(False)
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+    rng = np.random.default_rng(seed + 1)
+    scale = vae.config.scaling_factor
+
+    def step(i: int) -> torch.Tensor:
+        index = rng.integers(len(corpus), size=batch_size)
+        images = corpus.tensors(index).to(device)
+        recon = vae.decode(latents[index].to(device) / scale).sample
+        return _reconstruction_loss(recon, images, _pixel_weight(corpus, index, object_weight).to(device))
+
+    train("decoder", work_dir, vae, optimizer, step, steps, warmup=20, clip=None)
+    vae.requires_grad_(True)
+    return vae.cpu().eval()
+
+
+def _pixel_weight(corpus: Corpus, index: np.ndarray, object_weight: float) -> torch.Tensor:
+    """``(B, 1, S, S)`` loss weights: ``object_weight`` on object pixels, 1 on background, mean 1."""
+    weight = 1.0 + (object_weight - 1.0) * corpus.masks(index)[:, :1]
+    return weight / weight.mean()
+
+
+def _reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    error = (recon - images).abs() + (recon - images).square()
+    return (weight * error).mean()
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ interrupted build (Ctrl-C, a crash) continues where it stopped when run again wi
 arguments. The long stages also checkpoint inside themselves. The per-stage wall times are
 written to ``DIR/tiny-shapes/build.json``.
 
-    vae            AutoencoderKL on 64 px crops of rendered scenes (plain and striped)
+    vae            AutoencoderKL on rendered scenes (plain and striped), half size first
     latents        encode the training corpus once
+    decoder        fine-tune the VAE decoder on those latents (the encoder stays as it is)
     text-to-image  CLIP text encoder and UNet, trained together         -> DIR/tiny-shapes
     classifier     the benchmark's per-pixel classifier                 -> DIR/tiny-shapes-classifier
     student        LinFusion student with `lindiff.distill`             -> DIR/tiny-shapes-linfusion
@@ -35,14 +36,14 @@ from .. import linearize, save_weights
 from ..data import write_folder
 from ..version import __version__
 from . import architectures
-from .autoencoder import encode, round_trip, train_vae
+from .autoencoder import encode, finetune_decoder, round_trip, train_vae
 from .corpus import Corpus, render_corpus
 from .denoiser import token_ids, train_controlnet, train_lora, train_text_to_image
 from .tokenizer import write_tokenizer
 
 logger = logging.getLogger("lindiff.assets.build")
 
-STAGES = ("vae", "latents", "text-to-image", "classifier", "student", "controlnet", "lora")
+STAGES = ("vae", "latents", "decoder", "text-to-image", "classifier", "student", "controlnet", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class BuildPlan:
     corpus: int
     striped: int
     vae_steps: int
+    decoder_steps: int
     unet_steps: int
     classifier_steps: int
     student_steps: int
@@ -63,11 +65,11 @@ class BuildPlan:
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 3_000, 500, 400, 1_200, 200, 150)
+        return cls(12_000, 2_000, 1_500, 400, 5_400, 500, 400, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
-        return cls(64, 32, 2, 2, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
+        return cls(64, 32, 2, 2, 2, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
 
 
 class Build:
@@ -159,6 +161,19 @@ class Build:
             "striped": encode(vae, self.striped, self.device),
         }
         torch.save(latents, self.work / "latents.pt")
+
+    def stage_decoder(self) -> None:
+        vae = finetune_decoder(
+            self.vae(),
+            self.corpus,
+            self.latents()["latents"],
+            self.work / "runs" / "decoder",
+            steps=self.plan.decoder_steps,
+            batch_size=2 * self.plan.batch,
+            seed=self.seed,
+            device=self.device,
+        )
+        vae.save_pretrained(self.work / "vae")
 
     def stage_text_to_image(self) -> None:
         data = self.latents()
