@@ -333,3 +333,22 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
     assert result["config"]["sizes"] == {"1x": 16, "2x": 32}
     assert all(isinstance(target["met"], bool) for target in result["targets"].values())
     assert out.with_suffix(".png").is_file()
+
+
+def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
+    """Clean renders score perfectly, the round trip keeps most prompts, strong latent noise loses more."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("latent_robustness", BENCH / "latent_robustness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "robustness.json"
+    result = bench.main(["--count", "16", "--batch-size", "8", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    scores = result["prompt_accuracy"]
+    assert set(scores) == {"real", "round_trip", "noise_0.1", "noise_0.2", "noise_0.4", "blur_3x3"}
+    assert scores["real"] == 1.0
+    assert scores["round_trip"] >= 0.75
+    assert scores["noise_0.4"] < scores["round_trip"]
+    assert result["latent_shape"] == [4, 16, 16] and result["num_scenes"] == 16
+    with pytest.raises(SystemExit):
+        bench.main(["--count", "0"])
