@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae_path = args.vae or f"{lindiff.assets.path('tiny-shapes')}/vae"
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(device).eval()
+    vae_path = args.vae or lindiff.assets.path("tiny-shapes")
+    vae = (
+        AutoencoderKL.from_pretrained(
+            vae_path, subfolder=None if args.vae else "vae", torch_dtype=torch.float32
+        )
+        .to(device)
+        .eval()
+    )
     classifier_path = args.classifier or lindiff.assets.path("tiny-shapes-classifier")
     classifier = ShapeClassifier.from_pretrained(classifier_path).to(device).eval()
     scale = vae.config.scaling_factor
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "device": device_label(device),
-        "vae": str(vae_path),
+        "vae": args.vae or "tiny-shapes/vae (shipped)",
         "latent_shape": list(latents.shape[1:]),
         "latent_std": round(float(latents.std()), 3),
         "num_scenes": args.count,

@@ -294,6 +294,15 @@ def test_train_classifier_is_deterministic_and_saves(tmp_path):
         train_classifier(None, steps=0)
 
 
+def _load_bench_script(name: str, monkeypatch: pytest.MonkeyPatch):
+    """Import ``bench/<name>.py`` as a module, with ``bench/`` on ``sys.path`` for its ``common`` import."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def bench_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny pipeline, its LinFusion weights, ControlNet, LoRA and an untrained classifier, saved."""
@@ -312,10 +321,7 @@ def bench_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = _load_bench_script("quality", monkeypatch)
     out = tmp_path / "quality.json"
     argv = [f"--{name}={path}" for name, path in bench_folders.items()]
     argv += ["--quick", "--scales", "1", "2", "--num-prompts", "3", "2", "--num-control", "2", "0"]
@@ -337,10 +343,7 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
 
 def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
     """Clean renders score perfectly, the round trip keeps most prompts, strong latent noise loses more."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("latent_robustness", BENCH / "latent_robustness.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench_script("latent_robustness", monkeypatch)
     out = tmp_path / "robustness.json"
     result = bench.main(["--count", "16", "--batch-size", "8", "--out", str(out)])
     assert json.loads(out.read_text()) == result
