@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 
 import lindiff
 from lindiff import assets
-from lindiff.assets.architectures import TRAINING_WORLD
+from lindiff.assets.architectures import HEAD_DIM, TRAINING_WORLD
 from lindiff.assets.build import main as build_main
 from lindiff.assets.tokenizer import word_merges, write_tokenizer
 from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
@@ -117,6 +117,17 @@ def test_shipped_pipeline_student_lora_and_controlnet() -> None:
     scene = make_example(10_000_000).scene
     images = _generate(control, "a green square", image=condition_image(scene, "mask"))
     assert images.shape == (1, 3, 128, 128)
+
+
+def test_shipped_unet_attention_heads_are_head_dim_wide() -> None:
+    """diffusers reads UNet2DConditionModel's ``attention_head_dim`` as a head count; the build must not slip."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    unet = UNet2DConditionModel.from_pretrained(assets.path("tiny-shapes"), subfolder="unet")
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert layers
+    assert {layer.inner_dim // layer.heads for layer in layers} == {HEAD_DIM}
 
 
 def test_shipped_classifier_reads_real_renders() -> None:
