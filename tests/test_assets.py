@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
 from transformers import CLIPTokenizer
 
 import lindiff
@@ -121,9 +127,6 @@ def test_shipped_pipeline_student_lora_and_controlnet() -> None:
 
 def test_shipped_unet_attention_heads_are_head_dim_wide() -> None:
     """diffusers reads UNet2DConditionModel's ``attention_head_dim`` as a head count; the build must not slip."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import Attention
-
     unet = UNet2DConditionModel.from_pretrained(assets.path("tiny-shapes"), subfolder="unet")
     layers = [m for m in unet.modules() if isinstance(m, Attention)]
     assert layers
