@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     ControlNetModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -20,6 +21,7 @@ from transformers import CLIPTokenizer
 import lindiff
 from lindiff import assets
 from lindiff.assets.architectures import HEAD_DIM, TRAINING_WORLD
+from lindiff.assets.autoencoder import _add_latent_noise
 from lindiff.assets.build import main as build_main
 from lindiff.assets.tokenizer import word_merges, write_tokenizer
 from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
@@ -62,6 +64,18 @@ def test_stripes_change_only_objects() -> None:
     assert 0.3 < changed[labels > 0].mean() < 0.7
     with pytest.raises(ValueError, match="image must be"):
         stripes(image[:10], labels)
+
+
+def test_latent_noise_is_relative_to_the_latents_scale() -> None:
+    """Scaling the latents scales the noise with them: the encoder cannot outgrow it."""
+    latents = torch.randn(64, 4, 8, 8)
+    torch.manual_seed(0)
+    small = _add_latent_noise(latents, 0.5) - latents
+    torch.manual_seed(0)
+    large = _add_latent_noise(100 * latents, 0.5) - 100 * latents
+    torch.testing.assert_close(large, 100 * small, rtol=1e-4, atol=1e-4)
+    assert 0.1 < small.std() < 0.5
+    assert torch.equal(_add_latent_noise(latents, 0.0), latents)
 
 
 def test_asset_path_errors() -> None:
@@ -140,6 +154,22 @@ def test_shipped_classifier_reads_real_renders() -> None:
     renders = torch.stack([to_tensor(render(example.scene)) for example in examples])
     scores = prompt_scores([example.spec for example in examples], detect_objects(classifier, renders))
     assert scores["prompt_accuracy"] >= 0.9, scores
+
+
+@torch.no_grad()
+def test_shipped_vae_keeps_shapes_through_latent_noise() -> None:
+    """Shapes survive latent noise of std 0.4 (latents scaled to std 1): what a denoiser's error costs."""
+    vae = AutoencoderKL.from_pretrained(
+        assets.path("tiny-shapes"), subfolder="vae", torch_dtype=torch.float32
+    )
+    classifier = ShapeClassifier.from_pretrained(assets.path("tiny-shapes-classifier")).eval()
+    examples = [make_example(EVAL_SEEDS + i, 128, TRAINING_WORLD) for i in range(32)]
+    renders = torch.stack([to_tensor(render(example.scene)) for example in examples])
+    latents = vae.encode(renders).latent_dist.mean * vae.config.scaling_factor
+    noisy = latents + 0.4 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    decoded = vae.decode(noisy / vae.config.scaling_factor).sample.clamp(-1, 1)
+    scores = prompt_scores([example.spec for example in examples], detect_objects(classifier, decoded))
+    assert scores["prompt_accuracy"] >= 0.8, scores
 
 
 def test_shipped_tokenizer_has_its_vocab_files() -> None:

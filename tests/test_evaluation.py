@@ -342,7 +342,7 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
 
 
 def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
-    """Clean renders score perfectly, the round trip keeps most prompts, strong latent noise loses more."""
+    """Clean renders score perfectly; the round trip and latent noise keep most prompts, a latent blur loses more."""
     bench = _load_bench_script("latent_robustness", monkeypatch)
     out = tmp_path / "robustness.json"
     result = bench.main(["--count", "16", "--batch-size", "8", "--out", str(out)])
@@ -351,7 +351,8 @@ def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
     assert set(scores) == {"real", "round_trip", "noise_0.1", "noise_0.2", "noise_0.4", "blur_3x3"}
     assert scores["real"] == 1.0
     assert scores["round_trip"] >= 0.75
-    assert scores["noise_0.4"] < scores["round_trip"]
+    assert scores["noise_0.4"] >= 0.75
+    assert scores["blur_3x3"] < scores["round_trip"]
     assert result["latent_shape"] == [4, 16, 16] and result["num_scenes"] == 16
     with pytest.raises(SystemExit):
         bench.main(["--count", "0"])
