@@ -351,7 +351,7 @@ def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
     assert set(scores) == {"real", "round_trip", "noise_0.1", "noise_0.2", "noise_0.4", "blur_3x3"}
     assert scores["real"] == 1.0
     assert scores["round_trip"] >= 0.75
-    assert scores["noise_0.4"] >= 0.75
+    assert scores["noise_0.4"] >= 0.8  # the VAE trains with latent noise; without it a quarter survived
     assert scores["blur_3x3"] < scores["round_trip"]
     assert result["latent_shape"] == [4, 16, 16] and result["num_scenes"] == 16
     with pytest.raises(SystemExit):
