@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from lindiff import assets
 from lindiff.assets.architectures import HEAD_DIM, TRAINING_WORLD
 from lindiff.assets.autoencoder import _add_latent_noise
 from lindiff.assets.build import main as build_main
+from lindiff.assets.loop import train
 from lindiff.assets.tokenizer import word_merges, write_tokenizer
 from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
 from lindiff.data.styles import stripes
@@ -75,6 +79,34 @@ def test_latent_noise_is_relative_to_the_latents_scale() -> None:
     torch.testing.assert_close(large, 100 * small, rtol=1e-4, atol=1e-4)
     assert 0.1 < small.std() < 0.5
     assert torch.equal(_add_latent_noise(latents, 0.0), latents)
+
+
+def _learning_rates(work_dir: Path, steps: int, interrupt_at: int | None = None) -> dict[int, float]:
+    """The learning rate each step of a ``train`` run sees, and its checkpoint; SIGINT at step ``interrupt_at``."""
+    module = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    seen = {}
+
+    def step(i: int) -> torch.Tensor:
+        seen[i] = optimizer.param_groups[0]["lr"]
+        if i == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return module(torch.ones(1, 2)).square().sum()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        train("test", work_dir, module, optimizer, step, steps, warmup=8, checkpoint_every=100)
+    return seen
+
+
+def test_training_warm_up_survives_resume_and_the_last_step_is_saved(tmp_path: Path) -> None:
+    whole = _learning_rates(tmp_path / "whole", 20)
+    assert [whole[i] for i in range(9)] == pytest.approx([0.0125 * (i + 1) for i in range(8)] + [0.1])
+    assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["step"] == 20
+    first = _learning_rates(tmp_path / "resumed", 20, interrupt_at=4)  # during the warm-up
+    assert sorted(first) == list(range(5))
+    second = _learning_rates(tmp_path / "resumed", 20)
+    assert sorted(second) == list(range(5, 20))
+    assert {**first, **second} == pytest.approx(whole)
 
 
 def test_asset_path_errors() -> None:

@@ -65,7 +65,7 @@ class BuildPlan:
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 400, 5_400, 500, 400, 1_200, 600, 400)
+        return cls(12_000, 2_000, 1_500, 300, 5_400, 500, 1_000, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
@@ -225,7 +225,7 @@ class Build:
             batch_size=self.plan.batch,
             learning_rate=1e-3,
             lr_warmup_steps=min(30, self.plan.student_steps),
-            lr_scheduler="constant_with_warmup",
+            lr_scheduler="cosine",
             checkpoint_every=100,
             validation_every=0,
             log_with="none",

@@ -64,10 +64,12 @@ def train(
     A checkpoint (module, optimizer, EMA, step, losses) is written atomically every
     ``checkpoint_every`` steps and when SIGINT/SIGTERM arrives (then the run stops with
     KeyboardInterrupt). Losses go to ``work_dir/log.jsonl``. Returns the loss of every step.
+    The learning rate ramps up linearly over ``warmup`` steps, then stays.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / "checkpoint.pt"
     start, losses = 0, []
+    base_lr = [group["lr"] for group in optimizer.param_groups]  # before a checkpoint overwrites them
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         module.load_state_dict(state["module"])
@@ -76,7 +78,6 @@ def train(
             ema.load_state_dict(state["ema"])
         start, losses = state["step"], state["losses"]
         logger.info("%s: resuming at step %d of %d", name, start, steps)
-    base_lr = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for p in module.parameters() if p.requires_grad]
 
     def save(at: int) -> None:
@@ -96,7 +97,7 @@ def train(
         with open(work_dir / "log.jsonl", "a", encoding="utf-8") as log:
             bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=5.0)
             for i in bar:
-                for group, lr in zip(optimizer.param_groups, base_lr, strict=False):
+                for group, lr in zip(optimizer.param_groups, base_lr, strict=True):
                     group["lr"] = lr * min(1.0, (i + 1) / warmup) if warmup else lr
                 loss = step(i)
                 loss.backward()
@@ -115,7 +116,7 @@ def train(
                         + "\n"
                     )
                     log.flush()
-                if (i + 1) % checkpoint_every == 0 or stop["signal"] is not None:
+                if (i + 1) % checkpoint_every == 0 or i + 1 == steps or stop["signal"] is not None:
                     save(i + 1)
                 if stop["signal"] is not None:
                     raise KeyboardInterrupt(

@@ -160,13 +160,13 @@ def _chosen(generator: torch.Generator, count: int, probability: float) -> torch
 def add_stripes(
     images: torch.Tensor, colours: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """Fill the objects of the ``chosen`` images ``(B,)`` with diagonal stripes (period 4-16 px at 128 px).
+    """Fill the objects of the ``chosen`` images ``(B,)`` with diagonal stripes (period 4-32 px at 128 px).
 
     ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``; ``colours`` ``(B, H, W)`` as from :func:`ground_truth`.
     """
     batch, _, height, width = images.shape
     scale = height / TRAIN_SIZE
-    period = _uniform(generator, batch, 4.0, 16.0).mul(scale).view(-1, 1, 1)
+    period = _uniform(generator, batch, 4.0, 32.0).mul(scale).view(-1, 1, 1)
     phase = torch.rand(batch, generator=generator).view(-1, 1, 1) * period
     direction = torch.where(_chosen(generator, batch, 0.5), 1.0, -1.0).view(-1, 1, 1)
     ys, xs = torch.meshgrid(
