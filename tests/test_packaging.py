@@ -1,5 +1,6 @@
 """A regular (non-editable) install: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -75,3 +76,21 @@ def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
     )
     lines = done.stdout.split()
     assert all(line.startswith(str(target)) for line in lines), lines
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """``python -m`` in the repository root: ``import kernels`` must still give the PyPI package
+    (transformers >= 5.25 imports it), while ``lindiff.kernels`` stays lindiff's."""
+    namesake = tmp_path / "site" / "kernels"
+    namesake.mkdir(parents=True)
+    (namesake / "__init__.py").write_text("MARKER = 'installed kernels'\n")
+    code = "import kernels, lindiff.kernels as ours; print(kernels.MARKER, ours.linear_attention.__name__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == ["installed", "kernels", "linear_attention"]
