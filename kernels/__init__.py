@@ -22,12 +22,8 @@ def _hand_over_to_installed_namesake() -> bool:
     if spec is None or spec.loader is None:
         return False
     module = importlib.util.module_from_spec(spec)
-    sys.modules[__name__] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[__name__]
-        raise
+    sys.modules[__name__] = module  # the import system removes it again if exec_module raises
+    spec.loader.exec_module(module)
     return True
 
 

@@ -1,4 +1,5 @@
-"""A regular (non-editable) install: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``."""
+"""Packaging: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``, and a checkout root on
+``sys.path`` does not shadow packages of those names."""
 
 import os
 import subprocess
