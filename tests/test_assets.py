@@ -25,6 +25,7 @@ from lindiff import assets
 from lindiff.assets.architectures import HEAD_DIM, TRAINING_WORLD
 from lindiff.assets.autoencoder import _add_latent_noise
 from lindiff.assets.build import main as build_main
+from lindiff.assets.denoiser import _Batches
 from lindiff.assets.loop import train
 from lindiff.assets.tokenizer import word_merges, write_tokenizer
 from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
@@ -94,19 +95,42 @@ def _learning_rates(work_dir: Path, steps: int, interrupt_at: int | None = None)
         return module(torch.ones(1, 2)).square().sum()
 
     with contextlib.suppress(KeyboardInterrupt):
-        train("test", work_dir, module, optimizer, step, steps, warmup=8, checkpoint_every=100)
+        train("test", work_dir, module, optimizer, step, steps, warmup=8, cooldown=5, checkpoint_every=100)
     return seen
 
 
-def test_training_warm_up_survives_resume_and_the_last_step_is_saved(tmp_path: Path) -> None:
+def test_training_schedule_survives_resume_and_the_last_step_is_saved(tmp_path: Path) -> None:
     whole = _learning_rates(tmp_path / "whole", 20)
-    assert [whole[i] for i in range(9)] == pytest.approx([0.0125 * (i + 1) for i in range(8)] + [0.1])
+    warm_up = [0.0125 * (i + 1) for i in range(8)]
+    cool_down = [0.1 * k / 6 for k in range(5, 0, -1)]
+    assert [whole[i] for i in range(20)] == pytest.approx(warm_up + [0.1] * 7 + cool_down)
     assert torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["step"] == 20
     first = _learning_rates(tmp_path / "resumed", 20, interrupt_at=4)  # during the warm-up
     assert sorted(first) == list(range(5))
     second = _learning_rates(tmp_path / "resumed", 20)
     assert sorted(second) == list(range(5, 20))
     assert {**first, **second} == pytest.approx(whole)
+    with pytest.raises(ValueError, match="cooldown <= steps"):
+        _learning_rates(tmp_path / "short", 4)
+
+
+def test_training_batches_depend_only_on_the_step() -> None:
+    """A resumed stage draws the batches an uninterrupted one would have: no replay from step 0."""
+    latents, ids = torch.randn(50, 4, 2, 2), torch.arange(1, 51).unsqueeze(1).repeat(1, 3)
+    empty = torch.zeros(3, dtype=torch.long)
+    first = _Batches(latents, ids, empty, seed=3, drop=0.5)
+    again = _Batches(latents, ids, empty, seed=3, drop=0.5)
+    for step in (0, 7):
+        for a, b in zip(first(step, 6), again(step, 6), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not torch.equal(first(7, 6)[4], first(8, 6)[4])
+    dropped = []
+    for step in range(40):
+        index, batch_ids, *_ = first(step, 6)
+        kept = batch_ids[:, 0] != 0
+        assert torch.equal(batch_ids[kept, 0], torch.from_numpy(index + 1)[kept])
+        dropped.append(1 - kept.float().mean().item())
+    assert 0.35 < np.mean(dropped) < 0.65
 
 
 def test_asset_path_errors() -> None:

@@ -55,21 +55,23 @@ class BuildPlan:
     vae_steps: int
     decoder_steps: int
     unet_steps: int
+    unet_cooldown: int
     classifier_steps: int
     student_steps: int
     student_images: int
     controlnet_steps: int
     lora_steps: int
+    unet_lr: float = 1e-3
     unet_batch: int = 24
     batch: int = 8
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 300, 5_400, 500, 1_000, 1_200, 600, 400)
+        return cls(12_000, 2_000, 1_500, 300, 6_600, 1_200, 500, 1_000, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
-        return cls(64, 32, 2, 2, 2, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
+        return cls(64, 32, 2, 2, 2, 1, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
 
 
 class Build:
@@ -183,7 +185,9 @@ class Build:
             self.tokenizer,
             self.work / "runs" / "text-to-image",
             steps=self.plan.unet_steps,
+            cooldown=self.plan.unet_cooldown,
             batch_size=self.plan.unet_batch,
+            lr=self.plan.unet_lr,
             seed=self.seed,
             device=self.device,
         )

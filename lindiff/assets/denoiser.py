@@ -14,7 +14,7 @@ from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import architectures
-from .loop import ExponentialAverage, train
+from .loop import train
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
@@ -31,26 +31,29 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 class _Batches:
-    """Random batches of latents, ids (with caption dropout) and noisy inputs."""
+    """Batch ``i`` of latents, ids (with caption dropout) and noisy inputs, drawn from ``(seed, i)``.
+
+    Each batch depends only on its step, so a resumed run sees the batches it would have seen.
+    """
 
     def __init__(
         self, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, seed: int, drop: float
     ) -> None:
-        self.latents, self.ids, self.empty, self.drop = latents, ids, empty, drop
-        self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.latents, self.ids, self.empty, self.drop, self.seed = latents, ids, empty, drop, seed
         self.noise_scheduler = DDPMScheduler(**architectures.BETAS)
 
     def __call__(
-        self, batch_size: int
+        self, step: int, batch_size: int
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = self.rng.integers(len(self.latents), size=batch_size)
+        rng = np.random.default_rng((self.seed, step))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        index = rng.integers(len(self.latents), size=batch_size)
         latents = self.latents[index]
         ids = self.ids[index].clone()
-        ids[torch.from_numpy(self.rng.random(batch_size) < self.drop)] = self.empty
-        noise = torch.randn(latents.shape, generator=self.generator)
+        ids[torch.from_numpy(rng.random(batch_size) < self.drop)] = self.empty
+        noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=self.generator
+            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator
         )
         return index, ids, self.noise_scheduler.add_noise(latents, noise, t), t, noise
 
@@ -62,15 +65,19 @@ def train_text_to_image(
     work_dir: Path,
     *,
     steps: int,
+    cooldown: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
     device: torch.device,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    """Train text encoder and UNet together on epsilon prediction, 10% empty captions, EMA 0.995.
+    """Train text encoder and UNet together on epsilon prediction with 10% empty captions.
 
-    Returns the EMA weights. At 1e-3 the UNet draws the named shapes after 5,400 steps of 24
-    (58% of 48 prompts); at 4e-4 it still drew blobs (15%).
+    The learning rate stays at ``lr`` and falls linearly to zero over the last ``cooldown``
+    steps; the weights after the last step are returned. Measured on 48 prompts (guidance 5):
+    a constant 1e-3 for 5,400 steps of 24 drew the named shapes in 46% of them, and 1,200 more
+    steps of cool-down lifted that to 62%; a constant 4e-4 still drew blobs (15%), and a cosine
+    decay from the start stopped the learning of shapes early.
     """
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict(
@@ -78,17 +85,15 @@ def train_text_to_image(
     )
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    ema = ExponentialAverage(model, decay=0.995)
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1)
 
     def step(i: int) -> torch.Tensor:
-        _, batch_ids, noisy, t, noise = batches(batch_size)
+        _, batch_ids, noisy, t, noise = batches(i, batch_size)
         text = model["text_encoder"](batch_ids.to(device)).last_hidden_state
         prediction = model["unet"](noisy.to(device), t.to(device), text).sample
         return F.mse_loss(prediction, noise.to(device))
 
-    train("text-to-image", work_dir, model, optimizer, step, steps, ema=ema, warmup=100)
-    ema.copy_to(model)
+    train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
     return model["text_encoder"], model["unet"]
 
@@ -122,7 +127,7 @@ def train_controlnet(
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed + 1, drop=0.5)
 
     def step(i: int) -> torch.Tensor:
-        index, batch_ids, noisy, t, noise = batches(batch_size)
+        index, batch_ids, noisy, t, noise = batches(i, batch_size)
         with torch.no_grad():
             text = text_encoder(batch_ids.to(device)).last_hidden_state
         noisy, t = noisy.to(device), t.to(device)
@@ -173,7 +178,7 @@ def train_lora(
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed + 2, drop=0.1)
 
     def step(i: int) -> torch.Tensor:
-        _, batch_ids, noisy, t, noise = batches(batch_size)
+        _, batch_ids, noisy, t, noise = batches(i, batch_size)
         with torch.no_grad():
             text = text_encoder(batch_ids.to(device)).last_hidden_state
         prediction = unet(noisy.to(device), t.to(device), text).sample
