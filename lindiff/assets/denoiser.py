@@ -31,7 +31,7 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 
 class _Batches:
-    """Batch ``i`` of latents, ids (with caption dropout) and noisy inputs, drawn from ``(seed, i)``.
+    """Batch ``step`` of latents, ids (with caption dropout) and noisy inputs, drawn from ``(seed, step)``.
 
     Each batch depends only on its step, so a resumed run sees the batches it would have seen.
     """
