@@ -67,7 +67,7 @@ class BuildPlan:
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 300, 6_600, 1_200, 500, 1_000, 1_200, 600, 400)
+        return cls(12_000, 2_000, 1_500, 300, 6_600, 1_200, 500, 3_000, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
