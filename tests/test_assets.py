@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import (
     ControlNetModel,
+    DDPMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -22,10 +23,10 @@ from transformers import CLIPTokenizer
 
 import lindiff
 from lindiff import assets
-from lindiff.assets.architectures import HEAD_DIM, TRAINING_WORLD
+from lindiff.assets.architectures import BETAS, HEAD_DIM, TRAINING_WORLD
 from lindiff.assets.autoencoder import _add_latent_noise
 from lindiff.assets.build import main as build_main
-from lindiff.assets.denoiser import _Batches
+from lindiff.assets.denoiser import _Batches, min_snr_weights
 from lindiff.assets.loop import train
 from lindiff.assets.tokenizer import word_merges, write_tokenizer
 from lindiff.data import VOCABULARY, condition_image, label_map, make_example, render, to_tensor
@@ -131,6 +132,21 @@ def test_training_batches_depend_only_on_the_step() -> None:
         assert torch.equal(batch_ids[kept, 0], torch.from_numpy(index + 1)[kept])
         dropped.append(1 - kept.float().mean().item())
     assert 0.35 < np.mean(dropped) < 0.65
+
+
+def test_min_snr_weights_damp_only_the_low_noise_steps() -> None:
+    noise_scheduler = DDPMScheduler(**BETAS)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weights = min_snr_weights(noise_scheduler, gamma=5.0)
+    assert weights.shape == (1000,)
+    noisy = snr <= 5.0
+    assert 0 < noisy.sum() < 1000
+    assert torch.equal(weights[noisy], torch.ones(int(noisy.sum())))
+    assert weights[~noisy] == pytest.approx(5.0 / snr[~noisy])
+    assert torch.all(weights[1:] >= weights[:-1])  # less noise, less weight
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        min_snr_weights(noise_scheduler, gamma=0.0)
 
 
 def test_asset_path_errors() -> None:

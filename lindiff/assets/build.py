@@ -62,6 +62,7 @@ class BuildPlan:
     controlnet_steps: int
     lora_steps: int
     unet_lr: float = 1e-3
+    unet_snr_gamma: float | None = None
     unet_batch: int = 24
     batch: int = 8
 
@@ -71,7 +72,7 @@ class BuildPlan:
 
     @classmethod
     def smoke(cls) -> BuildPlan:
-        return cls(64, 32, 2, 2, 2, 1, 2, 2, 16, 2, 2, unet_batch=4, batch=2)
+        return cls(64, 32, 2, 2, 2, 1, 2, 2, 16, 2, 2, unet_snr_gamma=5.0, unet_batch=4, batch=2)
 
 
 class Build:
@@ -188,6 +189,7 @@ class Build:
             cooldown=self.plan.unet_cooldown,
             batch_size=self.plan.unet_batch,
             lr=self.plan.unet_lr,
+            snr_gamma=self.plan.unet_snr_gamma,
             seed=self.seed,
             device=self.device,
         )

@@ -68,6 +68,7 @@ def train_text_to_image(
     cooldown: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
+    snr_gamma: float | None = None,
     seed: int = 0,
     device: torch.device,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
@@ -78,6 +79,10 @@ def train_text_to_image(
     a constant 1e-3 for 5,400 steps of 24 drew the named shapes in 46% of them, and 1,200 more
     steps of cool-down lifted that to 62%; a constant 4e-4 still drew blobs (15%), and a cosine
     decay from the start stopped the learning of shapes early.
+
+    ``snr_gamma`` weights the loss with :func:`min_snr_weights`. With gamma 5 the same 6,600
+    steps drew the named background in 34 of 50 prompts (19 without) but not more of the named
+    shapes (57% of 96 prompts against 58%), so the shipped build leaves it off.
     """
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict(
@@ -87,15 +92,33 @@ def train_text_to_image(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1)
 
+    weights = None if snr_gamma is None else min_snr_weights(batches.noise_scheduler, snr_gamma)
+
     def step(i: int) -> torch.Tensor:
         _, batch_ids, noisy, t, noise = batches(i, batch_size)
         text = model["text_encoder"](batch_ids.to(device)).last_hidden_state
         prediction = model["unet"](noisy.to(device), t.to(device), text).sample
-        return F.mse_loss(prediction, noise.to(device))
+        if weights is None:
+            return F.mse_loss(prediction, noise.to(device))
+        per_sample = F.mse_loss(prediction, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
+        return (weights[t].to(device) * per_sample).mean()
 
     train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
     return model["text_encoder"], model["unet"]
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, gamma: float) -> torch.Tensor:
+    """``(T,)`` Min-SNR-gamma loss weights of epsilon prediction: ``min(SNR(t), gamma) / SNR(t)``.
+
+    Steps with little noise (SNR above ``gamma``) are weighted down, so their gradients stop
+    outweighing those of the noisier steps that lay out the image (Hang et al., 2023).
+    """
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive; got {gamma}")
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    return snr.clamp(max=gamma) / snr
 
 
 def train_controlnet(
