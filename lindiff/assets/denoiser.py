@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -92,7 +93,7 @@ def train_text_to_image(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1)
 
-    weights = None if snr_gamma is None else min_snr_weights(batches.noise_scheduler, snr_gamma)
+    weights = None if snr_gamma is None else min_snr_weights(batches.noise_scheduler, snr_gamma).to(device)
 
     def step(i: int) -> torch.Tensor:
         _, batch_ids, noisy, t, noise = batches(i, batch_size)
@@ -101,7 +102,7 @@ def train_text_to_image(
         if weights is None:
             return F.mse_loss(prediction, noise.to(device))
         per_sample = F.mse_loss(prediction, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
-        return (weights[t].to(device) * per_sample).mean()
+        return (weights[t.to(device)] * per_sample).mean()
 
     train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
@@ -116,8 +117,7 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, gamma: float) -> torch.Tenso
     """
     if gamma <= 0:
         raise ValueError(f"snr_gamma must be positive; got {gamma}")
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
     return snr.clamp(max=gamma) / snr
 
 
