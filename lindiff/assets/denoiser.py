@@ -97,12 +97,13 @@ def train_text_to_image(
 
     def step(i: int) -> torch.Tensor:
         _, batch_ids, noisy, t, noise = batches(i, batch_size)
+        noisy, t, noise = noisy.to(device), t.to(device), noise.to(device)
         text = model["text_encoder"](batch_ids.to(device)).last_hidden_state
-        prediction = model["unet"](noisy.to(device), t.to(device), text).sample
+        prediction = model["unet"](noisy, t, text).sample
         if weights is None:
-            return F.mse_loss(prediction, noise.to(device))
-        per_sample = F.mse_loss(prediction, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
-        return (weights[t.to(device)] * per_sample).mean()
+            return F.mse_loss(prediction, noise)
+        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        return (weights[t] * per_sample).mean()
 
     train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
