@@ -2,8 +2,10 @@
 
 The teacher (softmax attention) and the student (``lindiff.linearize`` with trained weights, on
 the same pipeline object) render the same prompts with the same seeds at 1x, 2x and 4x the
-native size (direct generation at that size). The shipped classifier (``lindiff.evaluation``)
-finds the objects of every image and scores:
+native size (direct generation at that size). With ``--highres`` they also render every size
+above native through ``HighResPipeline`` (generation at native size, then SDEdit stages that
+double it: what ``lindiff render`` does there), reported under keys such as ``2x-highres``.
+The shipped classifier (``lindiff.evaluation``) finds the objects of every image and scores:
 
 - prompt accuracy: the objects are exactly those the caption names (colour, shape, count);
 - position accuracy: on prompts with a relation, the relation holds (min separation 0.1);
@@ -17,6 +19,7 @@ IoU with the condition; at every scale) validate the metrics: they should be clo
 
     python bench/quality.py                  # shipped tiny-shapes assets; prints a time estimate
     python bench/quality.py --quick          # a few prompts per scale
+    python bench/quality.py --highres        # also 2x and 4x through the high-resolution chain
     python bench/quality.py --model DIR --weights DIR --classifier DIR --controlnet none --lora none
 
 Prompts are ``make_example(10_000_000 + i, size, world)`` (the generator trains on seeds below
@@ -58,6 +61,8 @@ from lindiff.evaluation import (
     prompt_scores,
     stripe_score,
 )
+from lindiff.pipelines import HighResPipeline, plan_stages
+from lindiff.pipelines.highres import DEFAULT_STRENGTHS
 
 TEACHER_TARGET = 0.80
 """Least teacher prompt accuracy at native size."""
@@ -90,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ControlNet prompts per scale (default 50 10 0; --quick 4 2 0)",
     )
     parser.add_argument("--num-lora", type=int, help="LoRA prompts at native size (default 50; --quick 4)")
+    parser.add_argument(
+        "--highres",
+        action="store_true",
+        help="also render the sizes above native through the high-resolution chain (same prompts and seeds)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument(
@@ -146,18 +156,21 @@ def generate(
     size: int,
     args: argparse.Namespace,
     conditions: Sequence[Image.Image] | None = None,
+    highres: bool = False,
 ) -> torch.Tensor:
     """Images ``(N, 3, size, size)`` in ``[-1, 1]`` for the examples' captions; example ``i``'s seed seeds its noise.
 
     Prompts go in batches of ``args.batch_size`` divided by the scale (memory grows with the size).
+    ``highres`` renders through ``HighResPipeline.from_pipe(pipe)`` (it shares ``pipe``'s modules).
     """
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     batch_size = max(1, args.batch_size * native // size)
+    runner = HighResPipeline.from_pipe(pipe) if highres else pipe
     images = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         extra = {} if conditions is None else {"image": list(conditions[start : start + batch_size])}
-        output = pipe(
+        output = runner(
             prompt=[example.text for example in batch],
             height=size,
             width=size,
@@ -169,6 +182,24 @@ def generate(
         )
         images.append(output.images.float().cpu() * 2.0 - 1.0)
     return torch.cat(images)
+
+
+def native_size(pipe: StableDiffusionPipeline) -> int:
+    """Side of the square the pipeline's UNet was trained on, in pixels."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def highres_seconds_per_image(
+    pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace, per_image: dict[int, float]
+) -> float:
+    """Rough seconds per image of the high-resolution chain to ``size``: its stages' direct costs
+    (from :func:`seconds_per_image`, cached in ``per_image`` by size) times their SDEdit strengths."""
+    stages = [height for height, _ in plan_stages(size, size, native_size(pipe))]
+    strengths = [1.0, *DEFAULT_STRENGTHS[: len(stages) - 1]]
+    for stage in stages:
+        if stage not in per_image:
+            per_image[stage] = seconds_per_image(pipe, stage, args)
+    return sum(strength * per_image[stage] for stage, strength in zip(stages, strengths, strict=True))
 
 
 def seconds_per_image(pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace) -> float:
@@ -307,19 +338,27 @@ def main(argv: list[str] | None = None) -> dict:
             **pipe.components, controlnet=controlnet, requires_safety_checker=False
         )
         control_pipe.set_progress_bar_config(disable=True)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     sizes = {f"{scale}x": native * scale for scale in args.scales}
     counts = dict(zip(sizes, args.num_prompts, strict=True))
+    runs = {key: (size, False) for key, size in sizes.items()}
+    if args.highres:
+        runs.update({f"{key}-highres": (size, True) for key, size in sizes.items() if size > native})
+        counts.update({f"{key}-highres": counts[key] for key, size in sizes.items() if size > native})
     control_counts = dict(zip(sizes, args.num_control, strict=True)) if control_pipe else {}
     num_lora = args.num_lora if paths["lora"] else 0
     world = WORLDS[args.world]
     examples = [make_example(EVAL_SEEDS + i, native, world) for i in range(max(args.num_prompts))]
     print(f"quality of {paths['model']} on {device_label(device)}: sizes {sizes}, prompts {counts}")
 
-    per_image = {key: seconds_per_image(pipe, size, args) for key, size in sizes.items()}
-    work = {key: counts[key] + 1.5 * control_counts.get(key, 0) for key in sizes}
+    by_size = {size: seconds_per_image(pipe, size, args) for size in sizes.values()}
+    per_image = {key: by_size[size] for key, size in sizes.items()}
+    for key, (size, highres) in runs.items():
+        if highres:
+            per_image[key] = highres_seconds_per_image(pipe, size, args, by_size)
+    work = {key: counts[key] + 1.5 * control_counts.get(key, 0) for key in runs}
     work["1x"] = work.get("1x", 0) + num_lora
-    estimate = 2 * sum(per_image[key] * work[key] for key in sizes)
+    estimate = 2 * sum(per_image[key] * work[key] for key in runs)
     print(f"estimated time: {estimate / 60:.1f} min (teacher speed for both; seconds per image {per_image})")
 
     real = {}
@@ -352,10 +391,10 @@ def main(argv: list[str] | None = None) -> dict:
         if variant == "student":
             lindiff.linearize(student_target, method=args.method, weights=paths["weights"])
         plain_stripes = None
-        for key, size in sizes.items():
+        for key, (size, highres) in runs.items():
             start = time.perf_counter()
             chosen = examples[: counts[key]]
-            images = generate(pipe, chosen, size, args)
+            images = generate(pipe, chosen, size, args, highres=highres)
             generation[variant][key], detections = score(classifier, images, chosen, real_features)
             generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
             shown[f"{variant} {key} ({size} px)"] = [to_pil(image) for image in images[: args.columns]]
@@ -387,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     lindiff.restore(student_target)
 
     rows = ["real"] + [
-        f"{variant} {key} ({size} px)" for key, size in sizes.items() for variant in generation
+        f"{variant} {key} ({size} px)" for key, (size, _) in runs.items() for variant in generation
     ]
     for key, key_conditions in conditions.items():
         shown[f"condition {key}"] = key_conditions[: args.columns]
@@ -406,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             "native_size": native,
             "sizes": sizes,
             "num_prompts": counts,
+            "highres": {"strengths": list(DEFAULT_STRENGTHS), "stages": "auto"} if args.highres else None,
             "num_control": control_counts,
             "num_lora": num_lora,
             "steps": args.steps,

@@ -325,18 +325,20 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
     out = tmp_path / "quality.json"
     argv = [f"--{name}={path}" for name, path in bench_folders.items()]
     argv += ["--quick", "--scales", "1", "2", "--num-prompts", "3", "2", "--num-control", "2", "0"]
-    argv += ["--num-lora", "2", "--steps", "2", "--columns", "3", "--out", str(out)]
+    argv += ["--num-lora", "2", "--steps", "3", "--columns", "3", "--highres", "--out", str(out)]
     quality.main(argv)
     result = json.loads(out.read_text())
     assert {"config", "classifier_on_real", "generation", "controlnet", "lora", "targets"} <= set(result)
     for variant in ("teacher", "student"):
-        assert set(result["generation"][variant]) == {"1x", "2x"}
+        assert set(result["generation"][variant]) == {"1x", "2x", "2x-highres"}
+        assert result["generation"][variant]["2x-highres"]["size"] == 32
         assert {"prompt_accuracy", "position_accuracy", "frechet_distance"} <= set(
             result["generation"][variant]["1x"]
         )
         assert 0.0 <= result["controlnet"][variant]["1x"]["mask_iou"] <= 1.0
         assert "stripe_score_with_lora" in result["lora"][variant]
     assert result["config"]["sizes"] == {"1x": 16, "2x": 32}
+    assert "student_not_worse_than_teacher_2x-highres" in result["targets"]
     assert all(isinstance(target["met"], bool) for target in result["targets"].values())
     assert out.with_suffix(".png").is_file()
 
