@@ -152,6 +152,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "store_true"
         elif typing.get_origin(hint) is list:
             kwargs["nargs"] = "+"
+            item = typing.get_args(hint)[0]
+            if item in (int, float):
+                kwargs["type"] = item
         else:
             convert = base if base in (int, float) else str
             kwargs["type"] = _optional(convert) if type(None) in typing.get_args(hint) else convert

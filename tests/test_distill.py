@@ -25,7 +25,7 @@ from lindiff.cli import main
 from lindiff.distill import DistillConfig, Distiller, distill
 from lindiff.distill.data import DataOrder
 from lindiff.distill.losses import LossWeights, distillation_losses
-from lindiff.distill.objective import DiffusionObjective
+from lindiff.distill.objective import DiffusionObjective, upsample_latents
 from lindiff.distill.sources import encode_images, load_image
 from lindiff.distill.student import trainable_state
 
@@ -308,6 +308,38 @@ def test_sdxl_conditioning_reaches_the_cache_and_the_denoiser(tmp_path):
     assert distiller.train().step == 2
 
 
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_latent_scales_take_turns_and_scale_the_size_conditions(tmp_path, model):
+    pipe = tiny_models.sdxl_pipeline() if model == "sdxl" else tiny_models.sd_pipeline()
+    distiller = Distiller(make_config(tmp_path, model=pipe, latent_scales=[1, 2], max_steps=3))
+    seen = []
+
+    def record(module, args, kwargs):
+        sizes = kwargs.get("added_cond_kwargs") or {}
+        time_ids = sizes.get("time_ids")
+        seen.append((tuple(args[0].shape[-2:]), None if time_ids is None else time_ids[0].tolist()))
+
+    distiller.teacher.register_forward_pre_hook(record, with_kwargs=True)
+    assert distiller.train().step == 3
+    assert [shape for shape, _ in seen] == [(16, 16), (32, 32), (16, 16)]
+    if model == "sdxl":
+        assert [ids for _, ids in seen] == [
+            [32, 32, 0, 0, 32, 32],
+            [64, 64, 0, 0, 64, 64],
+            [32, 32, 0, 0, 32, 32],
+        ]
+
+
+def test_upsample_latents_keeps_frames_and_values_of_flat_latents():
+    flat = torch.full((1, 4, 3, 5, 6), 0.7)
+    assert torch.allclose(upsample_latents(flat, 2), torch.full((1, 4, 3, 10, 12), 0.7))
+    image = torch.randn(2, 4, 8, 8)
+    assert upsample_latents(image, 1) is image
+    assert upsample_latents(image, 3).shape == (2, 4, 24, 24)
+    with pytest.raises(ValueError, match=r"latents must be \(B, C, H, W\)"):
+        upsample_latents(torch.zeros(4, 8, 8), 2)
+
+
 def test_out_of_memory_is_explained(tmp_path, monkeypatch):
     def oom(self, batch, micro_step):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -328,6 +360,8 @@ def test_out_of_memory_is_explained(tmp_path, monkeypatch):
         ({"image_folder": "."}, "exactly one data source"),
         ({"prompts": None}, "exactly one data source"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"latent_scales": [1, 0]}, r"latent_scales must be a non-empty list of integers >= 1, got \[1, 0\]"),
+        ({"latent_scales": []}, "latent_scales must be a non-empty list"),
         ({"diffusion_weight": 0, "output_weight": 0, "attention_weight": 0}, "all loss weights are 0"),
     ],
 )
@@ -414,6 +448,9 @@ def test_cli_help_and_a_tiny_run_from_a_saved_pipeline(tmp_path, capsys):
         "mid_dim=8",
         "--max-grad-norm",
         "none",
+        "--latent-scales",
+        "1",
+        "2",
     ]
     argv += [
         "--validation-every",
@@ -429,6 +466,7 @@ def test_cli_help_and_a_tiny_run_from_a_saved_pipeline(tmp_path, capsys):
     assert "distilled weights:" in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["method_options"] == {"mid_dim": 8} and config["max_grad_norm"] is None
+    assert config["latent_scales"] == [1, 2]
     assert json.loads((tmp_path / "run" / "final" / "lindiff.json").read_text())["options"]["mid_dim"] == 8
     assert (tmp_path / "run" / "validation" / "step-00000003.png").is_file()
 

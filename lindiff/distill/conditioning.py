@@ -111,6 +111,17 @@ def _call_sd3(
     )[0]
 
 
+def scale_sizes(batch: Batch, scale: int) -> Batch:
+    """``batch`` for latents up-sampled ``scale`` times: its pixel sizes (SDXL's ``add_time_ids``,
+    PixArt's ``resolution``) multiplied by ``scale``; aspect ratios and text stay."""
+    if scale == 1:
+        return batch
+    return {
+        name: value * scale if name in ("add_time_ids", "resolution") else value
+        for name, value in batch.items()
+    }
+
+
 CONDITIONINGS: dict[type, Conditioning] = {
     UNet2DConditionModel: Conditioning(_encode_unet, _call_unet),
     PixArtTransformer2DModel: Conditioning(_encode_pixart, _call_pixart),

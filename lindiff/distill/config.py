@@ -66,6 +66,13 @@ class DistillConfig:
         default=None, metadata=_help("latent cache folder (default OUTPUT_DIR/cache)")
     )
     resolution: int = field(default=512, metadata=_help("training image size in pixels (square)"))
+    latent_scales: list[int] = field(
+        default_factory=lambda: [1],
+        metadata=_help(
+            "up-sampling factors of the training latents, taken by the micro-steps in turn (e.g. 1 2: "
+            "every other step on a latent grid twice as wide, like the high-resolution chain's stages)"
+        ),
+    )
     samples_per_prompt: int = field(default=1, metadata=_help("teacher samples per prompt (prompts data)"))
     generation_steps: int = field(default=25, metadata=_help("teacher sampling steps (prompts data)"))
     guidance_scale: float = field(default=7.5, metadata=_help("teacher guidance scale (prompts data)"))
@@ -179,6 +186,13 @@ class DistillConfig:
             )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        scales = self.latent_scales
+        if (
+            not isinstance(scales, (list, tuple))
+            or not scales
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in scales)
+        ):
+            raise ValueError(f"latent_scales must be a non-empty list of integers >= 1, got {scales!r}")
         if self.validation_size is not None and (
             not isinstance(self.validation_size, int) or self.validation_size < 1
         ):

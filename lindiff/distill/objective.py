@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -79,3 +80,18 @@ class DiffusionObjective:
         else:
             target = latents
         return NoisyBatch(noisy, timesteps, target)
+
+
+def upsample_latents(latents: torch.Tensor, scale: int) -> torch.Tensor:
+    """``(B, C, H, W)`` or ``(B, C, T, H, W)`` latents on a grid ``scale`` times as wide and high.
+
+    Bilinear in space (frames stay), a stand-in for the latents of an image up-scaled in pixel
+    space, which is what the high-resolution chain's SDEdit stages denoise.
+    """
+    if scale == 1:
+        return latents
+    if latents.ndim == 4:
+        return F.interpolate(latents, scale_factor=scale, mode="bilinear", align_corners=False)
+    if latents.ndim == 5:
+        return F.interpolate(latents, scale_factor=(1, scale, scale), mode="trilinear", align_corners=False)
+    raise ValueError(f"latents must be (B, C, H, W) or (B, C, T, H, W), got shape {tuple(latents.shape)}")

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 from ..convert import denoisers
 from ..state import get_state
 from .checkpoint import CheckpointManager
-from .conditioning import conditioning_for
+from .conditioning import conditioning_for, scale_sizes
 from .config import DistillConfig
 from .data import DataOrder, LatentCache, pipeline_identity
 from .losses import AttentionCapture, LossWeights, distillation_losses
-from .objective import DiffusionObjective
+from .objective import DiffusionObjective, upsample_latents
 from .runlog import RunLog, trackers
 from .signals import GracefulStop
 from .sources import generated_cache, image_folder_cache
@@ -233,6 +233,8 @@ class Distiller:
     def losses(self, batch: dict[str, torch.Tensor], micro_step: int) -> dict[str, torch.Tensor]:
         """Loss terms of one micro-batch (``{"loss": total, <term>: value}``)."""
         latents, cond = self._batch_to_device(batch)
+        scale = self.config.latent_scales[micro_step % len(self.config.latent_scales)]
+        latents, cond = upsample_latents(latents, scale), scale_sizes(cond, scale)
         seed = _noise_seed(self.config.seed, micro_step, self.accelerator.process_index)
         noisy = self.objective(latents, torch.Generator().manual_seed(seed))
         inputs = noisy.noisy.to(self.weight_dtype)
