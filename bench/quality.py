@@ -9,6 +9,8 @@ The shipped classifier (``lindiff.evaluation``) finds the objects of every image
 
 - prompt accuracy: the objects are exactly those the caption names (colour, shape, count);
 - position accuracy: on prompts with a relation, the relation holds (min separation 0.1);
+- paired counts: per size, the prompts only the teacher or only the student gets right, with a
+  two-sided sign test on them (whether "the student is no worse" is more than chance);
 - Fréchet distance between classifier features of generated images and of real renders of the
   same scenes (biased upwards for few images: compare teacher and student at one scale);
 - ControlNet adherence: IoU of the detected object pixels with the condition mask;
@@ -58,6 +60,7 @@ from lindiff.evaluation import (
     detect_objects,
     frechet_distance,
     mask_iou,
+    prompt_correct,
     prompt_scores,
     stripe_score,
 )
@@ -241,6 +244,22 @@ def score(
     return result, detections
 
 
+def paired_counts(teacher: Sequence[bool], student: Sequence[bool]) -> dict:
+    """Prompts right for both, only one or neither model, and the two-sided sign-test p-value of
+    the prompts only one of them gets right (1.0 when there are none)."""
+    teacher_only = sum(t and not s for t, s in zip(teacher, student, strict=True))
+    student_only = sum(s and not t for t, s in zip(teacher, student, strict=True))
+    discordant = teacher_only + student_only
+    tail = sum(math.comb(discordant, k) for k in range(min(teacher_only, student_only) + 1))
+    return {
+        "both": sum(t and s for t, s in zip(teacher, student, strict=True)),
+        "teacher_only": teacher_only,
+        "student_only": student_only,
+        "neither": sum(not t and not s for t, s in zip(teacher, student, strict=True)),
+        "sign_test_p": min(1.0, 2 * tail / 2**discordant) if discordant else 1.0,
+    }
+
+
 def control_scores(detections: list, conditions: Sequence[Image.Image], examples: Sequence[Example]) -> dict:
     """Mean and median IoU of each image's detected object pixels with its condition mask."""
     ious = []
@@ -376,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"classifier on real renders: {real}")
 
     generation: dict[str, dict] = {"teacher": {}, "student": {}}
+    correct: dict[str, dict[str, list[bool]]] = {"teacher": {}, "student": {}}
     control: dict[str, dict] = {"teacher": {}, "student": {}}
     lora: dict[str, dict] = {}
     conditions = {
@@ -397,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
             images = generate(pipe, chosen, size, args, highres=highres)
             generation[variant][key], detections = score(classifier, images, chosen, real_features)
             generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
+            correct[variant][key] = [
+                prompt_correct(example.spec, objects)
+                for example, objects in zip(chosen, detections, strict=True)
+            ]
             shown[f"{variant} {key} ({size} px)"] = [to_pil(image) for image in images[: args.columns]]
             print(f"{variant} {key}: {generation[variant][key]}")
             if key == "1x" and num_lora:
@@ -458,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "classifier_on_real": real,
         "generation": generation,
+        "paired": {key: paired_counts(correct["teacher"][key], correct["student"][key]) for key in runs},
         "controlnet": control if control_counts else None,
         "lora": lora or None,
         "targets": targets(generation),

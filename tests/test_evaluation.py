@@ -339,8 +339,20 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
         assert "stripe_score_with_lora" in result["lora"][variant]
     assert result["config"]["sizes"] == {"1x": 16, "2x": 32}
     assert "student_not_worse_than_teacher_2x-highres" in result["targets"]
+    for key, counts in result["paired"].items():
+        assert (
+            sum(counts[k] for k in ("both", "teacher_only", "student_only", "neither"))
+            == (result["config"]["num_prompts"][key])
+        )
     assert all(isinstance(target["met"], bool) for target in result["targets"].values())
     assert out.with_suffix(".png").is_file()
+
+
+def test_quality_bench_sign_test(monkeypatch):
+    quality = _load_bench_script("quality", monkeypatch)
+    counts = quality.paired_counts([True] * 6 + [False] * 4, [False] * 6 + [True, False, False, False])
+    assert counts == {"both": 0, "teacher_only": 6, "student_only": 1, "neither": 3, "sign_test_p": 16 / 128}
+    assert quality.paired_counts([True, False], [True, False])["sign_test_p"] == 1.0
 
 
 def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
