@@ -170,6 +170,8 @@ def test_build_smoke_writes_loadable_assets(tmp_path: Path) -> None:
         "controlnet",
         "lora",
     }
+    for name in ("vae", "unet"):  # no trace of the build's work folder in what ships
+        assert "_name_or_path" not in json.loads((out / "tiny-shapes" / name / "config.json").read_text())
     pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-shapes")
     lindiff.linearize(pipe, weights=str(out / "tiny-shapes-linfusion"))
     pipe.load_lora_weights(str(out / "tiny-shapes-lora-stripes"))

@@ -65,10 +65,11 @@ class BuildPlan:
     unet_snr_gamma: float | None = None
     unet_batch: int = 24
     batch: int = 8
+    student_scales: tuple[int, ...] = (1, 2)
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 300, 6_600, 1_200, 500, 1_000, 1_200, 600, 400)
+        return cls(12_000, 2_000, 1_500, 300, 9_600, 1_200, 500, 1_000, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
@@ -218,6 +219,9 @@ class Build:
 
         On 96 held-out prompts the 58% teacher's student scored 49% when only the new layers
         trained for 1,000 steps, 52% after 3,000, and 55% with the projections for 1,000.
+        Every other step up-samples the latents 2x (``plan.student_scales``): through the
+        high-resolution chain the 65% teacher's student then got 30 and 16 of 100 prompts right
+        at 2x and 4x, against 22 and 11 without (teacher 26 and 19), and 63 at 1x against 64.
         """
         from ..distill import DistillConfig, distill
 
@@ -233,6 +237,7 @@ class Build:
             image_folder=str(images),
             trainable="attention",
             resolution=architectures.NATIVE_SIZE,
+            latent_scales=list(self.plan.student_scales),
             max_steps=self.plan.student_steps,
             batch_size=self.plan.batch,
             learning_rate=1e-3,
@@ -332,6 +337,11 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
     pipe.vae.half()
     pipe.unet.half()
     pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("vae", "unet"):  # from_pretrained recorded the build's work folder there
+        config = folder / name / "config.json"
+        values = json.loads(config.read_text())
+        values.pop("_name_or_path", None)
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     # Recent transformers save only tokenizer.json; older ones load CLIPTokenizer from these files.
     write_tokenizer(folder / "tokenizer")
     (folder / "world.json").write_text(
