@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import statistics
 import textwrap
@@ -168,7 +169,9 @@ def generate(
     """
     native = native_size(pipe)
     batch_size = max(1, args.batch_size * native // size)
-    runner = HighResPipeline.from_pipe(pipe) if highres else pipe
+    runner = pipe
+    if highres:  # untiled VAE, as `lindiff render` without --tile: tiles of a small VAE shift colours
+        runner = functools.partial(HighResPipeline.from_pipe(pipe), tile_vae=False)
     images = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]

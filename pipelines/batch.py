@@ -84,8 +84,8 @@ class RenderOptions:
         highres: render with :class:`~lindiff.pipelines.highres.HighResPipeline`; ``None``
             does so exactly when a side exceeds the model's native size.
         stages: the high-resolution pipeline's ``stages``.
-        tile: decode with a tiled VAE (less memory at large sizes); the high-resolution
-            pipeline always does.
+        tile: code with a tiled VAE (less memory at large sizes), in the plain and the
+            high-resolution pipeline.
     """
 
     model: str | None = None
@@ -154,8 +154,9 @@ class Renderer:
         if self.uses_highres(item):
             if self._highres is None:
                 self._highres = HighResPipeline.from_pipe(self.pipe)
-            # Tiled VAE coding costs nothing below the tile size and saves much above it.
-            call.update(stages=self.options.stages, tile_vae=True, on_progress=progress)
+            # Tiles only when asked: each tile is normalised on its own, which shifts colours
+            # between tiles of a small VAE (the embedded model's tiles are 128 px).
+            call.update(stages=self.options.stages, tile_vae=self.options.tile, on_progress=progress)
             return self._highres(item.prompt, **call).images[0]
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

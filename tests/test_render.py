@@ -438,3 +438,22 @@ def test_highres_is_chosen_above_the_native_size():
     forced = Renderer(tiny_models.sd_pipeline(), RenderOptions(model="tiny", method=None, highres=False))
     assert not forced.uses_highres(RenderItem(0, "x", "", 0, 64, 64))
     assert forced.params(RenderItem(0, "x", "", 0, 64, 64))["stages"] is None
+
+
+@pytest.mark.parametrize("tile", [False, True])
+def test_the_high_resolution_chain_tiles_the_vae_only_with_tile(model, tmp_path, monkeypatch, tile):
+    from lindiff.pipelines.highres import HighResPipeline
+
+    seen = []
+    call = HighResPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["tile_vae"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(HighResPipeline, "__call__", spy)
+    extra = ["--prompt", "a red star", "--size", "32", "--steps", "3", "--highres"] + (
+        ["--tile"] if tile else []
+    )
+    assert main(render_args(model, tmp_path / "out", *extra)) == 0
+    assert seen == [tile]
