@@ -220,8 +220,9 @@ class Build:
         On 96 held-out prompts the 58% teacher's student scored 49% when only the new layers
         trained for 1,000 steps, 52% after 3,000, and 55% with the projections for 1,000.
         Every other step up-samples the latents 2x (``plan.student_scales``): through the
-        high-resolution chain the 65% teacher's student then got 30 and 16 of 100 prompts right
-        at 2x and 4x, against 22 and 11 without (teacher 26 and 19), and 63 at 1x against 64.
+        high-resolution chain (with a tiled VAE) the 65% teacher's student then got 30 and 16 of
+        100 prompts right at 2x and 4x, against 22 and 11 without (teacher 26 and 19), and 63 at
+        1x against 64.
         """
         from ..distill import DistillConfig, distill
 
