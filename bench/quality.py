@@ -33,6 +33,7 @@ Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid bes
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import math
@@ -67,6 +68,8 @@ from lindiff.evaluation import (
 )
 from lindiff.pipelines import HighResPipeline, plan_stages
 from lindiff.pipelines.highres import DEFAULT_STRENGTHS
+from lindiff.pipelines.loading import native_size
+from lindiff.pipelines.sdedit import stage_strengths
 
 TEACHER_TARGET = 0.80
 """Least teacher prompt accuracy at native size."""
@@ -190,18 +193,13 @@ def generate(
     return torch.cat(images)
 
 
-def native_size(pipe: StableDiffusionPipeline) -> int:
-    """Side of the square the pipeline's UNet was trained on, in pixels."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def highres_seconds_per_image(
     pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace, per_image: dict[int, float]
 ) -> float:
     """Rough seconds per image of the high-resolution chain to ``size``: its stages' direct costs
     (from :func:`seconds_per_image`, cached in ``per_image`` by size) times their SDEdit strengths."""
     stages = [height for height, _ in plan_stages(size, size, native_size(pipe))]
-    strengths = [1.0, *DEFAULT_STRENGTHS[: len(stages) - 1]]
+    strengths = [1.0, *stage_strengths(DEFAULT_STRENGTHS, len(stages))]
     for stage in stages:
         if stage not in per_image:
             per_image[stage] = seconds_per_image(pipe, stage, args)
@@ -250,15 +248,15 @@ def score(
 def paired_counts(teacher: Sequence[bool], student: Sequence[bool]) -> dict:
     """Prompts right for both, only one or neither model, and the two-sided sign-test p-value of
     the prompts only one of them gets right (1.0 when there are none)."""
-    teacher_only = sum(t and not s for t, s in zip(teacher, student, strict=True))
-    student_only = sum(s and not t for t, s in zip(teacher, student, strict=True))
+    pairs = collections.Counter(zip(map(bool, teacher), map(bool, student), strict=True))
+    teacher_only, student_only = pairs[True, False], pairs[False, True]
     discordant = teacher_only + student_only
     tail = sum(math.comb(discordant, k) for k in range(min(teacher_only, student_only) + 1))
     return {
-        "both": sum(t and s for t, s in zip(teacher, student, strict=True)),
+        "both": pairs[True, True],
         "teacher_only": teacher_only,
         "student_only": student_only,
-        "neither": sum(not t and not s for t, s in zip(teacher, student, strict=True)),
+        "neither": pairs[False, False],
         "sign_test_p": min(1.0, 2 * tail / 2**discordant) if discordant else 1.0,
     }
 
@@ -364,9 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = {f"{scale}x": native * scale for scale in args.scales}
     counts = dict(zip(sizes, args.num_prompts, strict=True))
     runs = {key: (size, False) for key, size in sizes.items()}
-    if args.highres:
-        runs.update({f"{key}-highres": (size, True) for key, size in sizes.items() if size > native})
-        counts.update({f"{key}-highres": counts[key] for key, size in sizes.items() if size > native})
+    for key, size in sizes.items():
+        if args.highres and size > native:
+            runs[f"{key}-highres"] = (size, True)
+            counts[f"{key}-highres"] = counts[key]
     control_counts = dict(zip(sizes, args.num_control, strict=True)) if control_pipe else {}
     num_lora = args.num_lora if paths["lora"] else 0
     world = WORLDS[args.world]
