@@ -173,7 +173,7 @@ def generate(
     native = native_size(pipe)
     batch_size = max(1, args.batch_size * native // size)
     runner = pipe
-    if highres:  # untiled VAE, as `lindiff render` without --tile: tiles of a small VAE shift colours
+    if highres:  # untiled VAE, as tile_vae="auto" chooses at these sizes: tiles of a small VAE shift colours
         runner = functools.partial(HighResPipeline.from_pipe(pipe), tile_vae=False)
     images = []
     for start in range(0, len(examples), batch_size):

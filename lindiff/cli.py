@@ -297,7 +297,12 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stages", type=_stages, help="high-resolution stages: auto or a number (default: auto)"
     )
-    parser.add_argument("--tile", action="store_true", help="tiled VAE decoding (less memory at large sizes)")
+    parser.add_argument(
+        "--tile",
+        action=argparse.BooleanOptionalAction,
+        help="tiled VAE decoding (less memory at large sizes; default: in the high-resolution chain when "
+        "an untiled pass would take over half the free memory)",
+    )
     parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     parser.add_argument(
         "--on-error",

@@ -85,7 +85,8 @@ class RenderOptions:
             does so exactly when a side exceeds the model's native size.
         stages: the high-resolution pipeline's ``stages``.
         tile: code with a tiled VAE (less memory at large sizes), in the plain and the
-            high-resolution pipeline.
+            high-resolution pipeline; ``None`` tiles the high-resolution pipeline's VAE only when
+            memory is short (its ``tile_vae="auto"``) and never the plain pipeline's.
     """
 
     model: str | None = None
@@ -95,7 +96,7 @@ class RenderOptions:
     guidance: float = DEFAULT_GUIDANCE
     highres: bool | None = None
     stages: int | str = "auto"
-    tile: bool = False
+    tile: bool | None = None
 
 
 ProgressCallback = Callable[[HighResProgress], None]
@@ -154,9 +155,8 @@ class Renderer:
         if self.uses_highres(item):
             if self._highres is None:
                 self._highres = HighResPipeline.from_pipe(self.pipe)
-            # Tiles only when asked: each tile is normalised on its own, which shifts colours
-            # between tiles of a small VAE (the embedded model's tiles are 128 px).
-            call.update(stages=self.options.stages, tile_vae=self.options.tile, on_progress=progress)
+            tile = "auto" if self.options.tile is None else self.options.tile
+            call.update(stages=self.options.stages, tile_vae=tile, on_progress=progress)
             return self._highres(item.prompt, **call).images[0]
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .memory import chunked_feed_forward, sequential_halves, vae_tiling
+from .memory import chunked_feed_forward, sequential_halves, vae_needs_tiling, vae_tiling
 from .sdedit import sdedit_scheduler, stage_strengths
 from .skip_residual import SkipResidual
 
@@ -314,6 +314,7 @@ class HighResPipeline:
         num_inference_steps: int,
         strengths: list[float],
         skip_residual: bool | float,
+        tile_vae: bool | str,
         image: Any,
         cross_attention_kwargs: dict[str, Any] | None,
         sequential_cfg_above: int | None,
@@ -349,6 +350,8 @@ class HighResPipeline:
             not isinstance(skip_residual, (int, float)) or skip_residual <= 0
         ):
             raise ValueError(f"skip_residual must be a bool or a positive exponent, got {skip_residual!r}")
+        if not isinstance(tile_vae, bool) and tile_vae != "auto":
+            raise ValueError(f"tile_vae must be True, False or 'auto', got {tile_vae!r}")
         reserved = sorted(_RESERVED & kwargs.keys())
         if reserved:
             raise ValueError(
@@ -398,7 +401,7 @@ class HighResPipeline:
         strength_schedule: Sequence[float] = DEFAULT_STRENGTHS,
         native_size: int | None = None,
         skip_residual: bool | float = False,
-        tile_vae: bool = True,
+        tile_vae: bool | str = "auto",
         image: Any = None,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -421,7 +424,8 @@ class HighResPipeline:
             native_size: side of the native square (px); default :attr:`native_size`.
             skip_residual: DemoFusion's skip residual in the SDEdit stages; ``True`` uses the
                 exponent :data:`SKIP_RESIDUAL_POWER`, a float sets it.
-            tile_vae: tiled VAE encode/decode.
+            tile_vae: tiled VAE encode/decode; ``"auto"`` tiles only when an untiled pass at the
+                final size would take more than half the free memory (:func:`vae_needs_tiling`).
             image: the ControlNet condition (one per ControlNet), resized to every stage's size.
             controlnet_conditioning_scale: as in the ControlNet pipelines.
             cross_attention_kwargs: e.g. ``{"scale": 0.5}`` for LoRA; passed as the pipeline's
@@ -448,6 +452,7 @@ class HighResPipeline:
             num_inference_steps,
             strengths,
             skip_residual,
+            tile_vae,
             image,
             cross_attention_kwargs,
             sequential_cfg_above,
@@ -468,6 +473,13 @@ class HighResPipeline:
                 common[name] = value
         stage_images = []
         with contextlib.ExitStack() as stack:
+            if tile_vae == "auto":
+                prompts = 1 if isinstance(prompt, str) else len(prompt)
+                batch = prompts * kwargs.get("num_images_per_prompt", 1)
+                final_height, final_width = sizes[-1]
+                tile_vae = vae_needs_tiling(
+                    self.pipe.vae, batch, final_height, final_width, self.pipe._execution_device
+                )
             stack.enter_context(vae_tiling(self.pipe.vae, tile_vae))
             if feed_forward_chunk_size is not None:
                 stack.enter_context(chunked_feed_forward(self._denoising_models, feed_forward_chunk_size))

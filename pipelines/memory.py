@@ -1,6 +1,7 @@
 """Memory savers for the duration of one pipeline call, undone when the call ends.
 
-:func:`vae_tiling` switches the VAE to tiled encode/decode; :func:`sequential_halves` runs models on
+:func:`vae_tiling` switches the VAE to tiled encode/decode (:func:`vae_needs_tiling` says when it
+must); :func:`sequential_halves` runs models on
 the two halves of their batch (the classifier-free-guidance halves) in turn; :func:`chunked_feed_forward`
 runs every ``FeedForward`` over chunks of tokens. The last two are diffusers hooks
 (:class:`~diffusers.hooks.HookRegistry`), removed when the block ends.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +22,13 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+VAE_ACTIVATIONS = 4
+"""Full-resolution activations of the VAE's widest full- or half-resolution block that
+:func:`untiled_vae_bytes` counts as alive at once (input, normalised, convolved, residual)."""
+
+VAE_MEMORY_SHARE = 0.5
+"""Share of the free memory an untiled VAE pass may take before :func:`vae_needs_tiling` tiles."""
 
 _SEQUENTIAL_HOOK = "lindiff_sequential_batch"
 _FEED_FORWARD_HOOK = "lindiff_chunked_feed_forward"
@@ -119,6 +128,55 @@ def chunked_feed_forward(
             " + ".join(type(model).__name__ for model in models),
         )
     return _hooked(modules, lambda: _ChunkedFeedForwardHook(chunk_size), _FEED_FORWARD_HOOK)
+
+
+def untiled_vae_bytes(vae: nn.Module, batch: int, height: int, width: int) -> int | None:
+    """Rough peak bytes of an untiled encode or decode of ``batch`` images of ``height x width`` px.
+
+    Counts :data:`VAE_ACTIVATIONS` tensors of the widest of the VAE's first two blocks at full
+    resolution (the decoder up-samples the second block's channels to full size before its last
+    convolution); ``None`` for a VAE whose config names no block widths.
+    """
+    config = getattr(vae, "config", {})
+    widths = config.get("block_out_channels") or config.get("decoder_block_out_channels")
+    if not widths:
+        return None
+    element = next(vae.parameters()).element_size()
+    return VAE_ACTIVATIONS * max(widths[:2]) * batch * height * width * element
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes free on ``device``: CUDA's free memory, or the host's available memory (``None`` if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def vae_needs_tiling(vae: nn.Module, batch: int, height: int, width: int, device: torch.device | str) -> bool:
+    """Whether an untiled VAE pass over ``batch`` images of ``height x width`` px would take more
+    than :data:`VAE_MEMORY_SHARE` of ``device``'s free memory (``True`` when either is unknown).
+
+    Tiling costs quality where tiles are small (every tile is normalised on its own, so colours
+    shift between the 128 px tiles of a small VAE), so ``tile_vae="auto"`` tiles only when needed.
+    """
+    if getattr(vae, "use_tiling", None) is None:
+        return False
+    needed = untiled_vae_bytes(vae, batch, height, width)
+    free = free_memory(device)
+    return needed is None or free is None or needed > VAE_MEMORY_SHARE * free
 
 
 @contextlib.contextmanager

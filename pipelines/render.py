@@ -72,7 +72,7 @@ class RenderConfig:
     seed: int = 0
     highres: bool | None = None
     stages: int | str = "auto"
-    tile: bool = False
+    tile: bool | None = None
     on_error: OnError = "abort"
 
     def __post_init__(self) -> None:

@@ -191,12 +191,43 @@ def test_vae_tiling_is_used_and_restored(sd):
         mock.patch.object(vae, "_tiled_encode", wraps=vae._tiled_encode) as encode,
         mock.patch.object(vae, "tiled_decode", wraps=vae.tiled_decode) as decode,
     ):
-        tiled = chain(sd).images
+        tiled = chain(sd, tile_vae=True).images
         assert (encode.call_count, decode.call_count) == (2, 2)  # stages 2 and 3 (stage 1 is one tile)
         untiled = chain(sd, tile_vae=False).images
         assert (encode.call_count, decode.call_count) == (2, 2)
     assert vae.use_tiling is False
     assert tiled.shape == untiled.shape and (tiled - untiled).abs().max() > 1e-3
+
+
+def test_auto_vae_tiling_tiles_only_when_memory_is_short(sd, monkeypatch):
+    from lindiff.pipelines import memory
+
+    vae = sd.pipe.vae
+    needed = memory.untiled_vae_bytes(vae, 1, HEIGHT, WIDTH)
+    assert needed == memory.VAE_ACTIVATIONS * max(vae.config.block_out_channels[:2]) * HEIGHT * WIDTH * 4
+    assert memory.untiled_vae_bytes(vae, 3, HEIGHT, WIDTH) == 3 * needed
+    with mock.patch.object(vae, "tiled_decode", wraps=vae.tiled_decode) as decode:
+        untiled = chain(sd).images  # the default, "auto": a few MB fit
+        assert decode.call_count == 0
+        monkeypatch.setattr(memory, "free_memory", lambda device: 2 * needed - 1)
+        assert chain(sd).images.shape == untiled.shape
+        assert decode.call_count == 2
+        monkeypatch.setattr(memory, "free_memory", lambda device: None)  # unknown: tile, to be safe
+        chain(sd)
+        assert decode.call_count == 4
+    assert vae.use_tiling is False
+
+
+def test_free_memory_of_the_host_is_known():
+    from lindiff.pipelines.memory import free_memory
+
+    assert free_memory("cpu") > 0
+    assert free_memory("meta") is None
+
+
+def test_tile_vae_must_be_a_bool_or_auto(sd):
+    with pytest.raises(ValueError, match="tile_vae must be True, False or 'auto', got 'yes'"):
+        chain(sd, tile_vae="yes")
 
 
 def test_sequential_cfg_halves_and_chunked_feed_forward_keep_the_output(sd):

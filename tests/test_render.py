@@ -440,8 +440,8 @@ def test_highres_is_chosen_above_the_native_size():
     assert forced.params(RenderItem(0, "x", "", 0, 64, 64))["stages"] is None
 
 
-@pytest.mark.parametrize("tile", [False, True])
-def test_the_high_resolution_chain_tiles_the_vae_only_with_tile(model, tmp_path, monkeypatch, tile):
+@pytest.mark.parametrize(("flag", "tile_vae"), [([], "auto"), (["--no-tile"], False), (["--tile"], True)])
+def test_the_high_resolution_chain_tiles_the_vae_as_tile_says(model, tmp_path, monkeypatch, flag, tile_vae):
     from lindiff.pipelines.highres import HighResPipeline
 
     seen = []
@@ -452,8 +452,6 @@ def test_the_high_resolution_chain_tiles_the_vae_only_with_tile(model, tmp_path,
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(HighResPipeline, "__call__", spy)
-    extra = ["--prompt", "a red star", "--size", "32", "--steps", "3", "--highres"] + (
-        ["--tile"] if tile else []
-    )
+    extra = ["--prompt", "a red star", "--size", "32", "--steps", "3", "--highres", *flag]
     assert main(render_args(model, tmp_path / "out", *extra)) == 0
-    assert seen == [tile]
+    assert seen == [tile_vae]
