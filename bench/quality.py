@@ -315,6 +315,12 @@ def save_grid(titles: Sequence[str], rows: Sequence[tuple[str, Sequence[Image.Im
     return path
 
 
+def accuracy_gap(teacher: dict, student: dict) -> float:
+    """Teacher minus student prompt accuracy, rounded to 9 places: 0.73 - 0.70 is 3 points, and
+    must not fail "within 3 points" as the float 0.030000000000000027 would."""
+    return round(teacher["prompt_accuracy"] - student["prompt_accuracy"], 9)
+
+
 def targets(generation: dict) -> dict:
     """The issue's targets, each with its value and whether it is met (absent scales are left out)."""
     teacher, student = generation["teacher"], generation["student"]
@@ -322,14 +328,14 @@ def targets(generation: dict) -> dict:
     if "1x" in teacher:
         value = teacher["1x"]["prompt_accuracy"]
         found["teacher_prompt_accuracy_1x_at_least_0.80"] = {"value": value, "met": value >= TEACHER_TARGET}
-        gap = teacher["1x"]["prompt_accuracy"] - student["1x"]["prompt_accuracy"]
+        gap = accuracy_gap(teacher["1x"], student["1x"])
         found["student_within_3_points_of_teacher_1x"] = {
             "teacher_minus_student": gap,
             "met": gap <= STUDENT_GAP,
         }
     for key in teacher:
         if key != "1x":
-            gap = teacher[key]["prompt_accuracy"] - student[key]["prompt_accuracy"]
+            gap = accuracy_gap(teacher[key], student[key])
             found[f"student_not_worse_than_teacher_{key}"] = {"teacher_minus_student": gap, "met": gap <= 0.0}
     return found
 

@@ -370,3 +370,17 @@ def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
     assert result["latent_shape"] == [4, 16, 16] and result["num_scenes"] == 16
     with pytest.raises(SystemExit):
         bench.main(["--count", "0"])
+
+
+def test_quality_bench_targets_compare_whole_points(monkeypatch):
+    quality = _load_bench_script("quality", monkeypatch)
+    generation = {
+        "teacher": {"1x": {"prompt_accuracy": 0.73}, "2x": {"prompt_accuracy": 0.29}},
+        "student": {"1x": {"prompt_accuracy": 0.70}, "2x": {"prompt_accuracy": 0.29}},
+    }
+    found = quality.targets(generation)
+    assert found["student_within_3_points_of_teacher_1x"] == {"teacher_minus_student": 0.03, "met": True}
+    assert found["student_not_worse_than_teacher_2x"]["met"]
+    assert not found["teacher_prompt_accuracy_1x_at_least_0.80"]["met"]
+    generation["student"]["1x"]["prompt_accuracy"] = 0.69
+    assert not quality.targets(generation)["student_within_3_points_of_teacher_1x"]["met"]
