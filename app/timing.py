@@ -25,6 +25,7 @@ from torch import nn
 from lindiff.adapters import adapter_for
 from lindiff.convert import denoisers
 from lindiff.grid import TokenGrid
+from lindiff.pipelines.memory import free_memory
 
 RSS_INTERVAL_S = 0.005
 """How often the CPU memory sampler reads the process's resident set size."""
@@ -234,6 +235,5 @@ def estimate(records: list[RunRecord], method: str, width: int, height: int, ste
 def memory_budget(device: torch.device) -> int:
     """Bytes a run may use on ``device``: free CUDA memory, or 80% of the available RAM on CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return int(psutil.virtual_memory().available * 0.8)
+        return int(free_memory(device) * 0.9)
+    return int(free_memory("cpu") * 0.8)

@@ -1,9 +1,9 @@
 """Memory savers for the duration of one pipeline call, undone when the call ends.
 
 :func:`vae_tiling` switches the VAE to tiled encode/decode (:func:`vae_needs_tiling` says when it
-must); :func:`sequential_halves` runs models on
-the two halves of their batch (the classifier-free-guidance halves) in turn; :func:`chunked_feed_forward`
-runs every ``FeedForward`` over chunks of tokens. The last two are diffusers hooks
+must); :func:`sequential_halves` runs models on the two halves of their batch (the
+classifier-free-guidance halves) in turn; :func:`chunked_feed_forward` runs every ``FeedForward``
+over chunks of tokens. The last two are diffusers hooks
 (:class:`~diffusers.hooks.HookRegistry`), removed when the block ends.
 """
 
@@ -146,12 +146,19 @@ def untiled_vae_bytes(vae: nn.Module, batch: int, height: int, width: int) -> in
 
 
 def free_memory(device: torch.device | str) -> int | None:
-    """Bytes free on ``device``: CUDA's free memory, or the host's available memory (``None`` if unknown)."""
+    """Bytes free on ``device``: CUDA's free memory, or the host's available memory (from psutil
+    where it is installed, else ``/proc/meminfo``); ``None`` if unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return psutil.virtual_memory().available
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -167,7 +174,8 @@ def free_memory(device: torch.device | str) -> int | None:
 
 def vae_needs_tiling(vae: nn.Module, batch: int, height: int, width: int, device: torch.device | str) -> bool:
     """Whether an untiled VAE pass over ``batch`` images of ``height x width`` px would take more
-    than :data:`VAE_MEMORY_SHARE` of ``device``'s free memory (``True`` when either is unknown).
+    than :data:`VAE_MEMORY_SHARE` of ``device``'s free memory (``True`` when either is unknown,
+    ``False`` for a VAE that cannot tile).
 
     Tiling costs quality where tiles are small (every tile is normalised on its own, so colours
     shift between the 128 px tiles of a small VAE), so ``tile_vae="auto"`` tiles only when needed.
