@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import lindiff
 from lindiff import assets
 from lindiff.assets.architectures import BETAS, HEAD_DIM, TRAINING_WORLD
 from lindiff.assets.autoencoder import _add_latent_noise
+from lindiff.assets.build import Build, BuildPlan
 from lindiff.assets.build import main as build_main
 from lindiff.assets.denoiser import _Batches, min_snr_weights
 from lindiff.assets.loop import train
@@ -132,6 +134,28 @@ def test_training_batches_depend_only_on_the_step() -> None:
         assert torch.equal(batch_ids[kept, 0], torch.from_numpy(index + 1)[kept])
         dropped.append(1 - kept.float().mean().item())
     assert 0.35 < np.mean(dropped) < 0.65
+
+
+def test_training_batches_draw_examples_in_proportion_to_their_weights() -> None:
+    latents, ids = torch.randn(4, 4, 2, 2), torch.zeros(4, 3, dtype=torch.long)
+    batches = _Batches(latents, ids, ids[0], seed=0, drop=0.0, weights=np.array([0.0, 1.0, 3.0, 0.0]))
+    drawn = np.concatenate([batches(step, 50)[0] for step in range(40)])
+    assert set(drawn) == {1, 2}
+    assert 0.7 < np.mean(drawn == 2) < 0.8
+    for bad in (np.ones(3), np.array([1.0, -1.0, 1.0, 1.0]), np.zeros(4)):
+        with pytest.raises(ValueError, match="weights must be 4 non-negative numbers"):
+            _Batches(latents, ids, ids[0], seed=0, drop=0.0, weights=bad)
+
+
+def test_build_weights_scenes_by_their_object_count(tmp_path: Path) -> None:
+    plan = dataclasses.replace(BuildPlan.smoke(), unet_object_weights=(1.0, 3.0))
+    build = Build(tmp_path, tmp_path / "work", plan, seed=0, device=torch.device("cpu"))
+    counts = build.corpus.labels.reshape(len(build.corpus), -1).max(axis=1)
+    assert set(counts) == {1, 2}
+    assert np.array_equal(build.object_weights(), np.where(counts == 2, 3.0, 1.0))
+    build.plan = dataclasses.replace(plan, unet_object_weights=(1.0,))
+    with pytest.raises(ValueError, match="unet_object_weights has 1 entries"):
+        build.object_weights()
 
 
 def test_min_snr_weights_damp_only_the_low_noise_steps() -> None:

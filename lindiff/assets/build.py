@@ -63,6 +63,7 @@ class BuildPlan:
     lora_steps: int
     unet_lr: float = 1e-3
     unet_snr_gamma: float | None = None
+    unet_object_weights: tuple[float, ...] = (1.0, 2.0)
     unet_batch: int = 24
     batch: int = 8
     student_scales: tuple[int, ...] = (1, 2)
@@ -139,6 +140,16 @@ class Build:
             requires_safety_checker=False,
         )
 
+    def object_weights(self) -> np.ndarray:
+        """``(N,)`` weight of drawing each corpus scene in text-to-image training, by its object count."""
+        counts = self.corpus.labels.reshape(len(self.corpus), -1).max(axis=1)
+        by_count = self.plan.unet_object_weights
+        if counts.max() > len(by_count):
+            raise ValueError(
+                f"unet_object_weights has {len(by_count)} entries; the corpus has scenes of {counts.max()} objects"
+            )
+        return np.asarray(by_count, dtype=np.float64)[counts - 1]
+
     # Stages.
     def stage_vae(self) -> None:
         both = Corpus(
@@ -191,6 +202,7 @@ class Build:
             batch_size=self.plan.unet_batch,
             lr=self.plan.unet_lr,
             snr_gamma=self.plan.unet_snr_gamma,
+            draw_weights=self.object_weights(),
             seed=self.seed,
             device=self.device,
         )

@@ -35,20 +35,40 @@ class _Batches:
     """Batch ``step`` of latents, ids (with caption dropout) and noisy inputs, drawn from ``(seed, step)``.
 
     Each batch depends only on its step, so a resumed run sees the batches it would have seen.
+    ``weights`` (``(N,)``, non-negative) makes example ``i`` come up in proportion to
+    ``weights[i]``; without it every example is equally likely.
     """
 
     def __init__(
-        self, latents: torch.Tensor, ids: torch.Tensor, empty: torch.Tensor, seed: int, drop: float
+        self,
+        latents: torch.Tensor,
+        ids: torch.Tensor,
+        empty: torch.Tensor,
+        seed: int,
+        drop: float,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.latents, self.ids, self.empty, self.drop, self.seed = latents, ids, empty, drop, seed
         self.noise_scheduler = DDPMScheduler(**architectures.BETAS)
+        self.probabilities = None
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (len(latents),) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(
+                    f"weights must be {len(latents)} non-negative numbers with a positive sum; "
+                    f"got shape {weights.shape}"
+                )
+            self.probabilities = weights / weights.sum()
 
     def __call__(
         self, step: int, batch_size: int
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, step))
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
-        index = rng.integers(len(self.latents), size=batch_size)
+        if self.probabilities is None:
+            index = rng.integers(len(self.latents), size=batch_size)
+        else:
+            index = rng.choice(len(self.latents), size=batch_size, p=self.probabilities)
         latents = self.latents[index]
         ids = self.ids[index].clone()
         ids[torch.from_numpy(rng.random(batch_size) < self.drop)] = self.empty
@@ -70,6 +90,7 @@ def train_text_to_image(
     batch_size: int = 32,
     lr: float = 1e-3,
     snr_gamma: float | None = None,
+    draw_weights: np.ndarray | None = None,
     seed: int = 0,
     device: torch.device,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
@@ -84,6 +105,11 @@ def train_text_to_image(
     ``snr_gamma`` weights the loss with :func:`min_snr_weights`. With gamma 5 the same 6,600
     steps drew the named background in 34 of 50 prompts (19 without) but not more of the named
     shapes (57% of 96 prompts against 58%), so the shipped build leaves it off.
+
+    ``draw_weights`` (``(N,)``) draws latent ``i`` in proportion to ``draw_weights[i]``
+    (uniformly without). The shipped build draws two-object scenes twice as often as
+    one-object ones: over 13,200 steps that lifted a 200-prompt diagnostic from 72% to 75.5%,
+    one-object prompts included (91 of 99 against 88).
     """
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict(
@@ -91,19 +117,21 @@ def train_text_to_image(
     )
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1)
+    batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1, weights=draw_weights)
 
-    weights = None if snr_gamma is None else min_snr_weights(batches.noise_scheduler, snr_gamma).to(device)
+    loss_weights = (
+        None if snr_gamma is None else min_snr_weights(batches.noise_scheduler, snr_gamma).to(device)
+    )
 
     def step(i: int) -> torch.Tensor:
         _, batch_ids, noisy, t, noise = batches(i, batch_size)
         noisy, t, noise = noisy.to(device), t.to(device), noise.to(device)
         text = model["text_encoder"](batch_ids.to(device)).last_hidden_state
         prediction = model["unet"](noisy, t, text).sample
-        if weights is None:
+        if loss_weights is None:
             return F.mse_loss(prediction, noise)
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        return (weights[t] * per_sample).mean()
+        return (loss_weights[t] * per_sample).mean()
 
     train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
