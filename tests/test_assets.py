@@ -150,8 +150,9 @@ def test_training_batches_draw_examples_in_proportion_to_their_weights() -> None
 def test_build_weights_scenes_by_their_object_count(tmp_path: Path) -> None:
     plan = dataclasses.replace(BuildPlan.smoke(), unet_object_weights=(1.0, 3.0))
     build = Build(tmp_path, tmp_path / "work", plan, seed=0, device=torch.device("cpu"))
-    counts = build.corpus.labels.reshape(len(build.corpus), -1).max(axis=1)
-    assert set(counts) == {1, 2}
+    counts = build.corpus.object_counts()
+    truth = [make_example(i, 128, TRAINING_WORLD).spec.num_objects for i in range(len(build.corpus))]
+    assert counts.tolist() == truth and set(truth) == {1, 2}
     assert np.array_equal(build.object_weights(), np.where(counts == 2, 3.0, 1.0))
     build.plan = dataclasses.replace(plan, unet_object_weights=(1.0,))
     with pytest.raises(ValueError, match="unet_object_weights has 1 entries"):

@@ -142,7 +142,7 @@ class Build:
 
     def object_weights(self) -> np.ndarray:
         """``(N,)`` weight of drawing each corpus scene in text-to-image training, by its object count."""
-        counts = self.corpus.labels.reshape(len(self.corpus), -1).max(axis=1)
+        counts = self.corpus.object_counts()
         by_count = self.plan.unet_object_weights
         if counts.max() > len(by_count):
             raise ValueError(

@@ -34,6 +34,10 @@ class Corpus:
         batch = torch.from_numpy(self.images[np.asarray(index)])
         return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
+    def object_counts(self) -> np.ndarray:
+        """``int (N,)`` objects in each scene: the highest label, since objects never overlap."""
+        return self.labels.reshape(len(self), -1).max(axis=1).astype(np.int64)
+
     def masks(self, index: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Object masks ``index`` as ``float32 (B, 3, S, S)`` (white objects on black): the ControlNet condition."""
         on = torch.from_numpy(self.labels[np.asarray(index)] > 0).float()
