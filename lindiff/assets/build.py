@@ -70,7 +70,7 @@ class BuildPlan:
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 300, 13_200, 1_800, 500, 1_000, 1_200, 600, 400)
+        return cls(12_000, 2_000, 1_500, 900, 13_200, 1_800, 500, 1_000, 1_200, 600, 400)
 
     @classmethod
     def smoke(cls) -> BuildPlan:
