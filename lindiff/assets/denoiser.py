@@ -100,7 +100,8 @@ def train_text_to_image(
     steps; the weights after the last step are returned. Measured on 48 prompts (guidance 5):
     a constant 1e-3 for 5,400 steps of 24 drew the named shapes in 46% of them, and 1,200 more
     steps of cool-down lifted that to 62%; a constant 4e-4 still drew blobs (15%), and a cosine
-    decay from the start stopped the learning of shapes early.
+    decay from the start stopped the learning of shapes early. Within 13,200 steps, cool-downs of
+    600 to 4,000 steps scored the same within noise on 800 prompts, and one of 6,000 lower.
 
     ``snr_gamma`` weights the loss with :func:`min_snr_weights`. With gamma 5 the same 6,600
     steps drew the named background in 34 of 50 prompts (19 without) but not more of the named
