@@ -8,7 +8,7 @@ written to ``DIR/tiny-shapes/build.json``.
     vae            AutoencoderKL on rendered scenes (plain and striped), half size first
     latents        encode the training corpus once
     decoder        fine-tune the VAE decoder on those latents (the encoder stays as it is)
-    text-to-image  CLIP text encoder and UNet, trained together         -> DIR/tiny-shapes
+    text-to-image  CLIP text encoder and UNet, trained together (Muon)  -> DIR/tiny-shapes
     classifier     the benchmark's per-pixel classifier                 -> DIR/tiny-shapes-classifier
     student        LinFusion student with `lindiff.distill`             -> DIR/tiny-shapes-linfusion
     controlnet     ControlNet on object masks                           -> DIR/tiny-shapes-controlnet
@@ -65,16 +65,35 @@ class BuildPlan:
     unet_snr_gamma: float | None = None
     unet_object_weights: tuple[float, ...] = (1.0, 2.0)
     unet_batch: int = 24
+    unet_optimizer: str = "adamw"
     batch: int = 8
     student_scales: tuple[int, ...] = (1, 2)
 
     @classmethod
     def full(cls) -> BuildPlan:
-        return cls(12_000, 2_000, 1_500, 900, 13_200, 1_800, 500, 1_000, 1_200, 600, 400)
+        return cls(
+            12_000, 2_000, 1_500, 900, 9_000, 1_800, 500, 1_000, 1_200, 600, 400, unet_optimizer="muon"
+        )
 
     @classmethod
     def smoke(cls) -> BuildPlan:
-        return cls(64, 32, 2, 2, 2, 1, 2, 2, 16, 2, 2, unet_snr_gamma=5.0, unet_batch=4, batch=2)
+        return cls(
+            64,
+            32,
+            2,
+            2,
+            2,
+            1,
+            2,
+            2,
+            16,
+            2,
+            2,
+            unet_snr_gamma=5.0,
+            unet_batch=4,
+            unet_optimizer="muon",
+            batch=2,
+        )
 
 
 class Build:
@@ -203,6 +222,7 @@ class Build:
             lr=self.plan.unet_lr,
             snr_gamma=self.plan.unet_snr_gamma,
             draw_weights=self.object_weights(),
+            optimizer=self.plan.unet_optimizer,
             seed=self.seed,
             device=self.device,
         )

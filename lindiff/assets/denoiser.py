@@ -16,6 +16,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import architectures
 from .loop import train
+from .muon import MuonAdamW, uses_muon
+
+OPTIMIZERS = ("adamw", "muon")
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
@@ -91,6 +94,7 @@ def train_text_to_image(
     lr: float = 1e-3,
     snr_gamma: float | None = None,
     draw_weights: np.ndarray | None = None,
+    optimizer: str = "adamw",
     seed: int = 0,
     device: torch.device,
 ) -> tuple[CLIPTextModel, UNet2DConditionModel]:
@@ -111,13 +115,29 @@ def train_text_to_image(
     (uniformly without). The shipped build draws two-object scenes twice as often as
     one-object ones: over 13,200 steps that lifted a 200-prompt diagnostic from 72% to 75.5%,
     one-object prompts included (91 of 99 against 88).
+
+    ``optimizer`` is ``"adamw"`` or ``"muon"`` (:class:`~lindiff.assets.muon.MuonAdamW`: Muon on
+    the weight matrices and convolution kernels, AdamW on the rest, same ``lr``). Muon steps
+    take about 40% longer on a CPU but learn much faster: with the same batches, 9,000 Muon
+    steps scored 83.6% on 800 prompts against 77.75% for 13,200 AdamW steps, in less time.
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict(
         {"text_encoder": architectures.text_encoder(tokenizer), "unet": architectures.unet()}
     )
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if optimizer == "muon":
+        named = list(model.named_parameters())
+        optim = MuonAdamW(
+            [p for n, p in named if uses_muon(n, p)],
+            [p for n, p in named if not uses_muon(n, p)],
+            lr=lr,
+            weight_decay=0.01,
+        )
+    else:
+        optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1, weights=draw_weights)
 
     loss_weights = (
@@ -134,7 +154,7 @@ def train_text_to_image(
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         return (loss_weights[t] * per_sample).mean()
 
-    train("text-to-image", work_dir, model, optimizer, step, steps, warmup=100, cooldown=cooldown)
+    train("text-to-image", work_dir, model, optim, step, steps, warmup=100, cooldown=cooldown)
     model.cpu().eval()
     return model["text_encoder"], model["unet"]
 
