@@ -19,13 +19,6 @@ class _Tiny(torch.nn.Module):
         return self.linear(self.conv(x).mean(dim=(2, 3)))
 
 
-def _optimizer(model: torch.nn.Module, **kwargs: float) -> MuonAdamW:
-    named = list(model.named_parameters())
-    return MuonAdamW(
-        [p for n, p in named if uses_muon(n, p)], [p for n, p in named if not uses_muon(n, p)], **kwargs
-    )
-
-
 @pytest.mark.parametrize("shape", [(8, 20), (20, 8), (16, 16)])
 def test_orthogonalize_keeps_the_singular_vectors_and_pushes_the_values_towards_one(
     shape: tuple[int, int],
@@ -48,7 +41,7 @@ def test_muon_takes_matrices_and_kernels_adamw_the_rest() -> None:
     model = _Tiny()
     chosen = {n for n, p in model.named_parameters() if uses_muon(n, p)}
     assert chosen == {"conv.weight", "linear.weight"}
-    optimizer = _optimizer(model)
+    optimizer = MuonAdamW.for_module(model)
     assert [g["muon"] for g in optimizer.param_groups] == [True, False]
     with pytest.raises(ValueError, match="matrices must be 2-D or 4-D weights"):
         MuonAdamW([model.conv.bias], [])
@@ -64,7 +57,7 @@ def test_one_step_moves_kernels_orthogonally_and_the_rest_like_adamw() -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for net in (model, reference):
         net(ids).square().mean().backward()
-    _optimizer(model, lr=1e-2, weight_decay=0.0).step()
+    MuonAdamW.for_module(model, lr=1e-2, weight_decay=0.0).step()
     torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0).step()
     moved = before["conv.weight"] - model.conv.weight.detach()
     singular = torch.linalg.svdvals(moved.reshape(5, -1)) / (1e-2 * 0.2 * 54**0.5)
@@ -89,15 +82,15 @@ def test_training_converges_and_resumes_from_a_state_dict() -> None:
 
     model = _Tiny()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = _optimizer(model, lr=1e-2)
+    optimizer = MuonAdamW.for_module(model, lr=1e-2)
     first = (model(ids) - target).square().mean().item()
     assert run(model, optimizer, 150) < 0.5 * first
     resumed = _Tiny()
     resumed.load_state_dict(start)
-    resumed_optimizer = _optimizer(resumed, lr=1e-2)
+    resumed_optimizer = MuonAdamW.for_module(resumed, lr=1e-2)
     run(resumed, resumed_optimizer, 100)
     state = resumed_optimizer.state_dict()
-    resumed_optimizer = _optimizer(resumed, lr=1e-2)
+    resumed_optimizer = MuonAdamW.for_module(resumed, lr=1e-2)
     resumed_optimizer.load_state_dict(state)
     run(resumed, resumed_optimizer, 50)
     for key, value in model.state_dict().items():

@@ -16,7 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import architectures
 from .loop import train
-from .muon import MuonAdamW, uses_muon
+from .muon import MuonAdamW
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -129,13 +129,7 @@ def train_text_to_image(
     )
     model.to(device)
     if optimizer == "muon":
-        named = list(model.named_parameters())
-        optim = MuonAdamW(
-            [p for n, p in named if uses_muon(n, p)],
-            [p for n, p in named if not uses_muon(n, p)],
-            lr=lr,
-            weight_decay=0.01,
-        )
+        optim = MuonAdamW.for_module(model, lr=lr, weight_decay=0.01)
     else:
         optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     batches = _Batches(latents, ids, token_ids(tokenizer, [""])[0], seed, drop=0.1, weights=draw_weights)

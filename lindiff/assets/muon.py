@@ -50,7 +50,7 @@ class MuonAdamW(torch.optim.Optimizer):
     Both share ``lr`` and decoupled ``weight_decay``. A Muon update of a ``(M, N)`` weight is
     scaled by ``0.2 sqrt(max(M, N))``, which gives it about the root-mean-square size of an AdamW
     update, so the learning rate tuned for AdamW carries over (Liu et al., "Muon is Scalable for
-    LLM Training", 2025). Build the two lists with :func:`uses_muon`.
+    LLM Training", 2025). :meth:`for_module` splits a module's parameters with :func:`uses_muon`.
     """
 
     def __init__(
@@ -68,6 +68,17 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"matrices must be 2-D or 4-D weights; got shapes {flat}")
         groups = [{"params": matrices, "muon": True}, {"params": others, "muon": False}]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
+
+    @classmethod
+    def for_module(cls, module: torch.nn.Module, lr: float = 1e-3, weight_decay: float = 0.01) -> MuonAdamW:
+        """Muon on the parameters of ``module`` that :func:`uses_muon` picks, AdamW on the others."""
+        named = list(module.named_parameters())
+        return cls(
+            [p for n, p in named if uses_muon(n, p)],
+            [p for n, p in named if not uses_muon(n, p)],
+            lr=lr,
+            weight_decay=weight_decay,
+        )
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
