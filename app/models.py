@@ -8,9 +8,6 @@ and kept in memory. One run at a time (a lock); a run stops at the next denoisin
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import itertools
 import threading
 from collections.abc import Callable
@@ -22,19 +19,12 @@ import torch
 from PIL import Image
 
 import lindiff
-from lindiff.adapters import adapter_for
 from lindiff.attention import METHODS
-from lindiff.pipelines.highres import HighResPipeline
-from lindiff.pipelines.loading import (
-    SOFTMAX,
-    check_size,
-    denoiser,
-    load_pipeline,
-    native_size,
-    resolve_weights,
-    size_multiple,
-)
-from lindiff.pipelines.metadata import generation_params, save_png
+from lindiff.denoisers import main_denoiser, pipeline_adapter
+from lindiff.pipelines.highres import HighResProgress
+from lindiff.pipelines.loading import SOFTMAX, check_size, load_pipeline, resolve_weights
+from lindiff.pipelines.metadata import save_png
+from lindiff.pipelines.request import ImageRenderer, ImageRequest
 from lindiff.weights import read_checkpoint
 
 from .timing import Estimate, RunMeter, RunRecord, estimate, memory_budget
@@ -70,6 +60,21 @@ class Request:
     lora: str | None = None
     lora_scale: float = 1.0
 
+    def image(self) -> ImageRequest:
+        """The image this request renders, as :class:`~lindiff.pipelines.request.ImageRenderer` takes it."""
+        return ImageRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            highres=self.highres,
+            condition=self.condition,
+            controlnet_scale=self.controlnet_scale,
+        )
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -101,19 +106,6 @@ class Generation:
     record: RunRecord
 
 
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-def _release_free_memory() -> None:
-    """Return freed heap to the OS (glibc only), so a run's RSS peak is measured from a low base."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 class DemoModel:
     """A pipeline and its linear students, for the demo.
 
@@ -143,12 +135,15 @@ class DemoModel:
     ) -> None:
         self.pipe = load_pipeline(model, method=SOFTMAX, device=device, dtype=dtype)
         self.model = model
-        self.device: torch.device = denoiser(self.pipe).device
+        self.device: torch.device = main_denoiser(self.pipe).device
         self.control_pipe = None if controlnet is None else self._with_controlnet(controlnet)
+        self.renderer = ImageRenderer(self.pipe)
+        self.control_renderer = None if self.control_pipe is None else ImageRenderer(self.control_pipe)
         self.weights = weights
         student_weights = resolve_weights(model, DEFAULT_METHOD, weights)
         self.checkpoint = None if student_weights is None else read_checkpoint(student_weights)
-        family = adapter_for(denoiser(self.pipe)).name
+        adapter = pipeline_adapter(self.pipe)
+        family = adapter.name
         self.linear_methods = [
             name
             for name in lindiff.methods()
@@ -159,8 +154,8 @@ class DemoModel:
             self.pipe.load_lora_weights(source, adapter_name=name)
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.native = native_size(self.pipe)
-        self.multiple = size_multiple(self.pipe)
+        self.native = adapter.native_size(self.pipe)
+        self.multiple = adapter.size_multiple(self.pipe)
         self.max_size = max_size or MAX_SIZE.get(self.device.type, MAX_SIZE["cpu"])
         self.records: list[RunRecord] = []
         self._method = SOFTMAX
@@ -174,7 +169,7 @@ class DemoModel:
         from diffusers import AutoModel, AutoPipelineForText2Image
 
         try:
-            net = AutoModel.from_pretrained(source, torch_dtype=denoiser(self.pipe).dtype)
+            net = AutoModel.from_pretrained(source, torch_dtype=main_denoiser(self.pipe).dtype)
             control = AutoPipelineForText2Image.from_pipe(self.pipe, controlnet=net.to(self.device))
         except (OSError, ValueError) as error:
             raise ValueError(f"controlnet={source!r} could not be loaded: {error}") from error
@@ -288,20 +283,8 @@ class DemoModel:
         """
         self.check(request)
         image, record = self._render(request, owner, on_progress)
-        params = generation_params(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            seed=request.seed,
-            steps=request.steps,
-            guidance=request.guidance,
-            width=request.width,
-            height=request.height,
-            model=self.model,
-            method=request.method,
-            weights=self.weights if self._uses_checkpoint(request.method) else None,
-            highres=request.highres,
-            stages="auto" if request.highres else None,
-        )
+        weights = self.weights if self._uses_checkpoint(request.method) else None
+        params = request.image().params(self.model, request.method, weights)
         name = (
             f"{next(self._numbers):05d}-{request.method}-s{request.seed}-{request.width}x{request.height}.png"
         )
@@ -333,23 +316,22 @@ class DemoModel:
             try:
                 self._use(request.method)
                 self._set_lora(request)
-                if self.device.type == "cpu":
-                    _release_free_memory()
-                pipe = self.pipe if request.condition is None else self.control_pipe
-                meter = RunMeter(pipe, self.device)
+                renderer = self.renderer if request.condition is None else self.control_renderer
+                meter = RunMeter(renderer.pipe, self.device)
                 done = 0
 
-                def step(progress: Progress) -> None:
+                def step(at: HighResProgress) -> None:
                     nonlocal done
                     meter.step()
                     done += 1
+                    progress = Progress(at.step, at.num_steps, at.stage, at.num_stages)
                     if on_progress is not None:
                         on_progress(progress)
                     if self._stop.is_set():
                         raise Cancelled(done, progress)
 
                 with meter.measure():
-                    image = self._call(pipe, request, step)
+                    image = renderer(request.image(), step)
             finally:
                 self._owner = None
         record = RunRecord(
@@ -371,28 +353,3 @@ class DemoModel:
             return
         self.pipe.enable_lora()
         self.pipe.set_adapters([request.lora], adapter_weights=[request.lora_scale])
-
-    def _call(self, pipe: Any, request: Request, step: Callable[[Progress], None]) -> Image.Image:
-        kwargs: dict[str, Any] = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt or None,
-            "height": request.height,
-            "width": request.width,
-            "num_inference_steps": request.steps,
-            "guidance_scale": request.guidance,
-            "generator": torch.Generator(self.device).manual_seed(request.seed),
-        }
-        if request.condition is not None:
-            kwargs["image"] = request.condition.convert("RGB")
-            kwargs["controlnet_conditioning_scale"] = request.controlnet_scale
-        if request.highres:
-            return HighResPipeline.from_pipe(pipe)(
-                **kwargs,
-                on_progress=lambda p: step(Progress(p.step, p.num_steps, p.stage, p.num_stages)),
-            ).images[0]
-
-        def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            step(Progress(step=index + 1, steps=request.steps))
-            return tensors
-
-        return pipe(**kwargs, callback_on_step_end=on_step_end).images[0]

@@ -11,24 +11,20 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
 from lindiff.adapters import adapter_for
-from lindiff.convert import denoisers
+from lindiff.denoisers import denoisers
 from lindiff.grid import TokenGrid
 from lindiff.pipelines.memory import free_memory
-
-RSS_INTERVAL_S = 0.005
-"""How often the CPU memory sampler reads the process's resident set size."""
+from lindiff.pipelines.peak_memory import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,8 @@ class RunStats:
         attention_s: seconds spent inside the denoisers' self-attention layers.
         step_s: median seconds per denoising step (``wall_s / steps`` with fewer than two steps).
         peak_bytes: the most memory the run held above what was in use when it started (the CUDA
-            allocator on GPU; the process's resident set size on CPU, sampled, so approximate).
+            allocator on GPU, the process's resident set on CPU; see
+            :class:`~lindiff.pipelines.peak_memory.PeakMemory`).
         steps: denoising steps executed.
     """
 
@@ -101,37 +98,6 @@ class _AttentionClock:
             self.seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000
 
 
-class _PeakMemory:
-    """Peak memory above the level at start: CUDA allocator statistics, or sampled process RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_bytes = 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self._start = torch.cuda.memory_allocated(device)
-            return
-        self._process = psutil.Process()
-        self._start = self._process.memory_info().rss
-        self._peak = self._start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="lindiff-rss-sampler", daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(RSS_INTERVAL_S):
-            self._peak = max(self._peak, self._process.memory_info().rss)
-
-    def close(self) -> None:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, self._process.memory_info().rss)
-        self.peak_bytes = max(0, peak - self._start)
-
-
 class RunMeter:
     """Measures one run of ``pipe``; call :meth:`step` from the pipeline's step callback."""
 
@@ -158,7 +124,8 @@ class RunMeter:
     def measure(self) -> Iterator[RunMeter]:
         """Measure the block; :attr:`stats` is set when it exits, also when it raises."""
         clock = _AttentionClock(self_attention_modules(self.pipe), self.device)
-        memory = _PeakMemory(self.device)
+        memory = PeakMemory(self.device)
+        memory.start()
         start = time.perf_counter()
         try:
             yield self
@@ -167,7 +134,6 @@ class RunMeter:
                 torch.cuda.synchronize(self.device)
             wall = time.perf_counter() - start
             clock.close()
-            memory.close()
             steps = len(self._step_times)
             intervals = [b - a for a, b in itertools.pairwise(self._step_times)]
             step_s = statistics.median(intervals) if intervals else wall / max(steps, 1)
@@ -175,7 +141,7 @@ class RunMeter:
                 wall_s=wall,
                 attention_s=clock.seconds,
                 step_s=step_s,
-                peak_bytes=memory.peak_bytes,
+                peak_bytes=memory.added_bytes(),
                 steps=steps,
             )
 

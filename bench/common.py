@@ -1,10 +1,11 @@
-"""Helpers shared by the benchmark scripts: device names, timing, peak memory, where results are written."""
+"""Helpers shared by the benchmark scripts: device names, timing, where results are written.
+
+Peak memory is measured by lindiff's own meter (:class:`lindiff.pipelines.peak_memory.PeakMemory`),
+the one the renderer and the demo use.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import platform
 import re
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from lindiff.pipelines.peak_memory import PeakMemory
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,52 +62,6 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
-
-
-def _malloc_trim() -> None:
-    """Return free heap pages to the system (glibc only; a no-op elsewhere)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak memory (MiB) above the level at ``start()``: CUDA allocator stats or the CPU resident set.
-
-    On CPU the process's peak resident set is reset through ``/proc/self/clear_refs``, after glibc's
-    ``malloc_trim`` hands freed heap memory back to the system: otherwise memory kept from an
-    earlier step would serve the next one without showing in its peak.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0.0
-
-    @staticmethod
-    def _proc_status(field: str) -> float:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            _malloc_trim()
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._proc_status("VmRSS")
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        return self._proc_status("VmHWM") - self.base
-
-
 def time_call(step: Callable[[], object], device: torch.device) -> float:
     """Wall time of one ``step()`` in seconds (synchronising CUDA before and after)."""
     if device.type == "cuda":
@@ -124,6 +81,6 @@ def measure_step(step: Callable[[], object], repeats: int, memory: PeakMemory) -
     with torch.inference_mode():
         memory.start()
         warmup = time_call(step, memory.device)
-        peak = memory.peak()
+        peak = memory.added_bytes() / 2**20
         times = [time_call(step, memory.device) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warmup, "peak_mib": peak}

@@ -20,9 +20,9 @@ median step time and of the peak memory are reported:
     python bench/dit_step.py --quick           # 256 and 512 px, 2 timed steps
     python bench/dit_step.py --models pixart --sizes 1024 2048 --flux-blocks 2 4 --pixart-blocks 4
 
-Peak memory is the high-water mark above the memory in use before the step (``common.PeakMemory``:
-CUDA allocator statistics, or the CPU resident set). Results go to
-``bench/results/dit_step-<device>.json``.
+Peak memory is the high-water mark above the memory in use before the step
+(``lindiff.pipelines.peak_memory.PeakMemory``: CUDA allocator statistics, or the CPU resident
+set). Results go to ``bench/results/dit_step-<device>.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from common import (  # bench/ is on sys.path when run as a script
-    PeakMemory,
     device_label,
     save_results,
     time_call,
@@ -47,6 +46,7 @@ from torch import nn
 
 import lindiff
 from lindiff.cli import environment
+from lindiff.pipelines.peak_memory import PeakMemory
 
 FLUX_DEV = dict(
     patch_size=1,
@@ -162,7 +162,7 @@ def measure_size(model: nn.Module, inputs: dict[str, Any], repeats: int, memory:
             with variant(model, name):
                 memory.start()
                 results[name]["warmup_s"] = time_call(step, memory.device)
-                results[name]["peak_mib"] = memory.peak()
+                results[name]["peak_mib"] = memory.added_bytes() / 2**20
         for _ in range(repeats):
             for name in names:
                 with variant(model, name):

@@ -15,8 +15,8 @@ next shows how memory grows with pixel count (constant when linear):
 Per stage, the time runs from the end of the previous stage's last step to the end of this
 stage's last step (so it holds the VAE round trip between stages); the final decode is reported
 apart. Peak memory is the high-water mark above the memory in use before the chain
-(``common.PeakMemory``: CUDA allocator statistics, or the CPU resident set). Results go to
-``bench/results/highres-<device>.json``.
+(``lindiff.pipelines.peak_memory.PeakMemory``: CUDA allocator statistics, or the CPU resident
+set). Results go to ``bench/results/highres-<device>.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PeakMemory, device_label, save_results  # bench/ is on sys.path when run as a script
+from common import device_label, save_results  # bench/ is on sys.path when run as a script
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from unet_step import SD15_UNET
@@ -37,6 +37,7 @@ from unet_step import SD15_UNET
 import lindiff
 from lindiff.cli import environment
 from lindiff.pipelines import HighResPipeline, HighResProgress
+from lindiff.pipelines.peak_memory import PeakMemory
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 PROMPT = "a red circle above a blue square"
@@ -129,7 +130,7 @@ def run_chain(hr: HighResPipeline, size: int, args: argparse.Namespace, memory: 
         "total_s": end - start,
         "stage_s": [b - a for a, b in itertools.pairwise(marks)],
         "final_decode_s": end - marks[-1],
-        "peak_mib": memory.peak(),
+        "peak_mib": memory.added_bytes() / 2**20,
     }
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from common import (  # bench/ is on sys.path when run as a script
-    PeakMemory,
     device_label,
     measure_step,
     save_results,
@@ -29,6 +28,7 @@ from diffusers import UNet2DConditionModel
 
 import lindiff
 from lindiff.cli import environment
+from lindiff.pipelines.peak_memory import PeakMemory
 
 SD15_UNET = dict(
     sample_size=64,

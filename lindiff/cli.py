@@ -32,6 +32,30 @@ from .attention import METHODS, methods
 from .version import __version__
 
 DEPENDENCIES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "triton", "gradio")
+THIRD_PARTY_NOISE = {
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+}
+"""Logger -> text of warnings the command hides: about optional packages of other libraries that
+rendering with lindiff does not use (transformers' image processors without torchvision)."""
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    """Hide :data:`THIRD_PARTY_NOISE` (only those records; every other warning, lindiff's included, stays)."""
+    for name, text in THIRD_PARTY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessages(text))
 
 
 def _installed_version(package: str) -> str | None:
@@ -417,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lindiff`` console script; returns the process exit code."""
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)

@@ -12,7 +12,9 @@ from .adapters import adapter_for
 from .adapters.base import ModelAdapter
 from .attention import GRID_ATTRIBUTE, AttentionMethod, create_method
 from .attention.base import ADDED_MODULE, AttentionModule
+from .denoisers import denoisers
 from .state import STATE_ATTRIBUTE, LinearizedState, base_linear, get_state
+from .weights import apply_checkpoint, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,48 +45,6 @@ class GridRecorder:
                 ", ".join(found),
                 self.state.method.name,
             )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module behind a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
-
-
-def denoisers(pipe_or_model: Any) -> list[tuple[str, nn.Module]]:
-    """The models `linearize` converts, with their role names.
-
-    A pipeline gives its ``unet`` or ``transformer`` and each of its ControlNets
-    (``"controlnet"``, or ``"controlnet.0"``, ``"controlnet.1"``, ... for a multi-ControlNet).
-    A bare model gives itself, under its family's role.
-    """
-    if isinstance(pipe_or_model, nn.Module) and not hasattr(pipe_or_model, "nets"):
-        model = _unwrap(pipe_or_model)
-        return [(_role_of(model), model)]
-    found: list[tuple[str, nn.Module]] = []
-    if isinstance(pipe_or_model, nn.Module):
-        controlnet = pipe_or_model
-    else:
-        for role in ("unet", "transformer"):
-            model = getattr(pipe_or_model, role, None)
-            if isinstance(model, nn.Module):
-                found.append((role, _unwrap(model)))
-        controlnet = getattr(pipe_or_model, "controlnet", None)
-    if isinstance(controlnet, nn.Module):
-        nets = getattr(controlnet, "nets", None)
-        if nets is None:
-            found.append(("controlnet", _unwrap(controlnet)))
-        else:
-            found.extend((f"controlnet.{i}", _unwrap(net)) for i, net in enumerate(nets))
-    if not found:
-        raise TypeError(
-            "pipe_or_model must be a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
-            f"model; got {type(pipe_or_model).__name__}"
-        )
-    return found
-
-
-def _role_of(model: nn.Module) -> str:
-    return "controlnet" if "ControlNet" in type(model).__name__ else adapter_for(model).role
 
 
 def check_family(method: AttentionMethod, model: nn.Module) -> ModelAdapter:
@@ -181,8 +141,6 @@ def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None
     Returns:
         ``pipe_or_model``, converted.
     """
-    from .weights import apply_checkpoint, read_checkpoint
-
     targets = denoisers(pipe_or_model)
     checkpoint = None
     if weights is not None:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .attention.base import ADDED_MODULE
-from .convert import denoisers
+from .denoisers import denoisers
 from .state import LinearizedState, base_linear, get_state, projections_of
 from .version import __version__
 

@@ -4,6 +4,9 @@
     items = [RenderItem(0, "a red star above a blue circle", "", seed=42, width=128, height=128)]
     result = render_batch(renderer, items, "renders", PartialState())
 
+Every image goes through :class:`~lindiff.pipelines.request.ImageRenderer`, the path the demo
+renders with too.
+
 Each finished image is written atomically and then recorded in the folder's manifest (see
 :mod:`~lindiff.pipelines.manifest`), so a re-run skips it and a crash loses at most the image
 in progress. Under ``accelerate launch`` the pending items are split between the processes.
@@ -17,7 +20,7 @@ import os
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .highres import HighResPipeline, HighResProgress
-from .loading import native_size
+from ..denoisers import pipeline_adapter
+from .highres import HighResProgress
 from .manifest import Manifest
-from .metadata import generation_params, save_png
+from .metadata import save_png
+from .peak_memory import PeakMemory
+from .request import ImageRenderer, ImageRequest, ProgressCallback
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -99,10 +104,6 @@ class RenderOptions:
     tile: bool | None = None
 
 
-ProgressCallback = Callable[[HighResProgress], None]
-"""Called after every denoising step; a render without the high-resolution chain is stage 1 of 1."""
-
-
 class Renderer:
     """Renders :class:`RenderItem` s with ``pipe``: the plain pipeline call at or below the model's
     native size, the high-resolution pipeline above it (or as ``options.highres`` says)."""
@@ -110,10 +111,8 @@ class Renderer:
     def __init__(self, pipe: Any, options: RenderOptions) -> None:
         self.pipe = pipe
         self.options = options
-        self.native_size = native_size(pipe)
-        self._highres: Any = None
-        if options.tile:
-            pipe.vae.enable_tiling()
+        self.native_size = pipeline_adapter(pipe).native_size(pipe)
+        self._render = ImageRenderer(pipe)
 
     def uses_highres(self, item: RenderItem) -> bool:
         """Whether ``item`` goes through the high-resolution pipeline."""
@@ -121,60 +120,39 @@ class Renderer:
             return max(item.width, item.height) > self.native_size
         return self.options.highres
 
-    def params(self, item: RenderItem) -> dict[str, Any]:
-        """The generation parameters recorded in ``item``'s PNG."""
+    def request(self, item: RenderItem) -> ImageRequest:
+        """``item`` with the batch's options, as the renderer takes it."""
         options = self.options
-        return generation_params(
+        return ImageRequest(
             prompt=item.prompt,
             negative_prompt=item.negative_prompt,
             seed=item.seed,
-            steps=options.steps,
-            guidance=options.guidance,
             width=item.width,
             height=item.height,
-            model=options.model,
-            method=options.method,
-            weights=options.weights,
+            steps=options.steps,
+            guidance=options.guidance,
             highres=self.uses_highres(item),
             stages=options.stages,
+            tile=options.tile,
         )
+
+    def params(self, item: RenderItem) -> dict[str, Any]:
+        """The generation parameters recorded in ``item``'s PNG."""
+        return self.request(item).params(self.options.model, self.options.method, self.options.weights)
 
     def __call__(self, item: RenderItem, progress: ProgressCallback | None = None) -> Image.Image:
         """Render ``item``; ``progress`` is called after every denoising step."""
-        progress = progress or (lambda _: None)
-        generator = torch.Generator("cpu").manual_seed(item.seed)  # same noise on every device
-        call = {
-            "height": item.height,
-            "width": item.width,
-            "num_inference_steps": self.options.steps,
-            "guidance_scale": self.options.guidance,
-            "generator": generator,
-        }
-        if item.negative_prompt:
-            call["negative_prompt"] = item.negative_prompt
-        if self.uses_highres(item):
-            if self._highres is None:
-                self._highres = HighResPipeline.from_pipe(self.pipe)
-            tile = "auto" if self.options.tile is None else self.options.tile
-            call.update(stages=self.options.stages, tile_vae=tile, on_progress=progress)
-            return self._highres(item.prompt, **call).images[0]
-
-        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            total = getattr(pipe, "num_timesteps", None) or self.options.steps
-            progress(HighResProgress(1, 1, step + 1, total, item.height, item.width))
-            return tensors
-
-        return self.pipe(item.prompt, callback_on_step_end=on_step_end, **call).images[0]
+        return self._render(self.request(item), progress)
 
 
 @dataclass
 class ItemRecord:
-    """A rendered image: its item, file, time and peak memory (``None`` where unknown)."""
+    """A rendered image: its item, file, time and peak memory (bytes)."""
 
     item: RenderItem
     path: Path
     seconds: float
-    peak_memory: int | None
+    peak_memory: int
     highres: bool
 
 
@@ -205,22 +183,6 @@ class BatchResult:
 def _execution_device(pipe: Any) -> torch.device:
     # diffusers' own answer, which also accounts for model CPU offload.
     return torch.device(getattr(pipe, "_execution_device", "cpu"))
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> int | None:
-    """Peak CUDA memory since the last reset, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-    except ImportError:  # Windows has no resource module
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _ImageBar:
@@ -284,19 +246,19 @@ def render_batch(
     with state.split_between_processes(pending) as share:
         mine: list[RenderItem] = list(share)
 
-    device = _execution_device(renderer.pipe)
+    memory = PeakMemory(_execution_device(renderer.pipe))
     enabled = show_progress and state.is_main_process
     overall = tqdm(total=len(mine), position=0, unit="image", desc="images", disable=not enabled)
     image_bar = _ImageBar(enabled)
     try:
         for item in mine:
             image_bar.start(item)
-            _reset_peak_memory(device)
+            memory.start()
             start = time.perf_counter()
             image = renderer(item, image_bar)
             path = save_png(image, out / item.filename, renderer.params(item))
             seconds = time.perf_counter() - start
-            record = ItemRecord(item, path, seconds, _peak_memory(device), renderer.uses_highres(item))
+            record = ItemRecord(item, path, seconds, memory.peak_bytes(), renderer.uses_highres(item))
             manifest.record(
                 {
                     "key": item.key,
@@ -324,15 +286,15 @@ def render_batch(
     return result
 
 
-def _mib(size: int | None) -> str:
-    return "-" if size is None else f"{size / 2**20:.0f} MiB"
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
 
 
 def summary_table(result: BatchResult) -> str:
     """A plain-text table of ``result``: one row per rendered image, then the totals.
 
-    Peak memory is CUDA memory allocated while rendering the image, or on CPU the process's
-    peak resident memory so far.
+    Peak memory is the most memory in use while rendering the image: CUDA memory allocated, or on
+    the CPU the process's resident set (see :class:`~lindiff.pipelines.peak_memory.PeakMemory`).
     """
     rows = [
         (

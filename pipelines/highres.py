@@ -24,11 +24,11 @@ batch in turn above a pixel count, every ``FeedForward`` can run over chunks of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +42,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from ..denoisers import main_denoiser, pipeline_adapter
 from .memory import chunked_feed_forward, sequential_halves, vae_needs_tiling, vae_tiling
 from .sdedit import sdedit_scheduler, stage_strengths
 from .skip_residual import SkipResidual
+from .stages import Stage, chain_stages, is_int, plan_stages
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +55,6 @@ DEFAULT_STRENGTHS = (0.4, 0.3, 0.2, 0.1)
 SKIP_RESIDUAL_POWER = 3.0
 """DemoFusion's exponent of the cosine skip-residual weight (``skip_residual=True``)."""
 OUTPUT_TYPES = ("pil", "np", "pt")
-# The check_inputs of SD, SDXL, PixArt and SD3 ControlNet demand multiples of 8 px, SANA's of 32 px,
-# whatever the VAE and patch size.
-_PIPELINE_PIXEL_MULTIPLE = 8
-_SANA_PIXEL_MULTIPLE = 32
 # Arguments HighResPipeline sets on the stage pipelines itself; `**kwargs` may not pass them.
 _RESERVED = {
     "prompt",
@@ -102,68 +100,89 @@ class HighResPipelineOutput(BaseOutput):
     stages: list[Any] | None = None
 
 
-def plan_stages(
-    height: int, width: int, native_size: int, stages: int | str = "auto", multiple: int = 8
-) -> list[tuple[int, int]]:
-    """The ``(height, width)`` of every stage of a chain to ``height x width`` px.
+@dataclass(frozen=True)
+class HighResRequest:
+    """The options of one :class:`HighResPipeline` call that every stage shares, checked on creation.
 
-    Stage 1 has the area of a ``native_size`` square and the target's aspect ratio; the stages grow
-    geometrically (per side) to the target, which is the last stage. ``stages="auto"`` picks the
-    fewest stages with at most 2x per side between stages; a target no larger than the native area
-    is one stage. Intermediate sizes are rounded to ``multiple``.
+    The fields are the call's arguments of the same names (see :meth:`HighResPipeline.__call__`);
+    ``strengths`` are the SDEdit strengths of stages 2, 3, ... and ``kwargs`` the extra arguments
+    passed to every stage pipeline.
 
     Raises:
-        ValueError: ``height``/``width`` is not a positive multiple of ``multiple`` (the message gives
-            the nearest valid sizes), ``native_size`` is not positive, or ``stages`` is neither
-            ``"auto"`` nor a positive int (more than 1 only when the target is larger than native).
+        ValueError: an option is out of range, or ``kwargs`` names an argument the chain sets itself.
     """
-    if not _is_int(multiple) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    for name, value in (("height", height), ("width", width)):
-        if not _is_int(value) or value < multiple or value % multiple:
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None
+    num_inference_steps: int
+    guidance_scale: float | None
+    generator: torch.Generator | list[torch.Generator] | None
+    strengths: list[float]
+    skip_residual: bool | float = False
+    tile_vae: bool | str = "auto"
+    image: Any = None
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    cross_attention_kwargs: dict[str, Any] | None = None
+    sequential_cfg_above: int | None = None
+    feed_forward_chunk_size: int | None = None
+    output_type: str = "pil"
+    on_progress: Callable[[HighResProgress], None] | None = None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        steps = self.num_inference_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+        short = [s for s in self.strengths if int(steps * s) < 1]
+        if short:
             raise ValueError(
-                f"{name} must be a positive multiple of {multiple} px for this model, got {value!r}"
-                + _nearest(value, multiple)
+                f"num_inference_steps={steps} gives no step at strength {short[0]} "
+                f"(int(steps * strength) must be >= 1); raise num_inference_steps"
             )
-    if not _is_int(native_size) or native_size < 1:
-        raise ValueError(f"native_size must be a positive int (px), got {native_size!r}")
-    side_ratio = math.sqrt(height * width) / native_size
-    if stages == "auto":
-        num_stages = 1 if side_ratio <= 1 else 1 + math.ceil(math.log2(side_ratio) - 1e-9)
-    elif _is_int(stages) and stages >= 1:
-        if stages > 1 and side_ratio <= 1:
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+        above = self.sequential_cfg_above
+        if above is not None and (not is_int(above) or above < 0):
+            raise ValueError(f"sequential_cfg_above must be None or a pixel count >= 0, got {above!r}")
+        chunk = self.feed_forward_chunk_size
+        if chunk is not None and (not is_int(chunk) or chunk < 1):
+            raise ValueError(f"feed_forward_chunk_size must be None or a positive int, got {chunk!r}")
+        skip = self.skip_residual
+        if not isinstance(skip, bool) and (not isinstance(skip, (int, float)) or skip <= 0):
+            raise ValueError(f"skip_residual must be a bool or a positive exponent, got {skip!r}")
+        if not isinstance(self.tile_vae, bool) and self.tile_vae != "auto":
+            raise ValueError(f"tile_vae must be True, False or 'auto', got {self.tile_vae!r}")
+        reserved = sorted(_RESERVED & self.kwargs.keys())
+        if reserved:
             raise ValueError(
-                f"stages must be 1 (or 'auto') when the target {height}x{width} px is not larger than the "
-                f"native {native_size}x{native_size} px, got {stages}"
+                f"{', '.join(reserved)} are set by HighResPipeline; use its own arguments instead"
             )
-        num_stages = stages
-    else:
-        raise ValueError(f"stages must be 'auto' or a positive int, got {stages!r}")
-    if num_stages == 1:
-        return [(height, width)]
-    first = (native_size * math.sqrt(height / width), native_size * math.sqrt(width / height))
-    sizes = []
-    for index in range(num_stages - 1):
-        fraction = index / (num_stages - 1)
-        sizes.append(
-            tuple(
-                max(multiple, multiple * round(start * (end / start) ** fraction / multiple))
-                for start, end in zip(first, (height, width), strict=True)
-            )
-        )
-    return [*sizes, (height, width)]
 
+    @property
+    def skip_residual_power(self) -> float | None:
+        """The skip residual's exponent, ``None`` without it."""
+        if not self.skip_residual:
+            return None
+        return SKIP_RESIDUAL_POWER if self.skip_residual is True else float(self.skip_residual)
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    @property
+    def batch_size(self) -> int:
+        """Images the call renders."""
+        prompts = 1 if isinstance(self.prompt, str) else len(self.prompt)
+        return prompts * self.kwargs.get("num_images_per_prompt", 1)
 
-
-def _nearest(value: object, multiple: int) -> str:
-    if not _is_int(value) or value < 1:
-        return ""
-    below = value - value % multiple
-    options = sorted({size for size in (below, below + multiple) if size >= multiple})
-    return f" (nearest valid: {' or '.join(map(str, options))})"
+    def common(self) -> dict[str, Any]:
+        """The arguments every stage pipeline gets as they are."""
+        common = {
+            "prompt": self.prompt,
+            "num_inference_steps": self.num_inference_steps,
+            "generator": self.generator,
+            **self.kwargs,
+        }
+        for name in ("negative_prompt", "guidance_scale"):
+            if getattr(self, name) is not None:
+                common[name] = getattr(self, name)
+        return common
 
 
 def _parameters(pipe: DiffusionPipeline) -> frozenset[str]:
@@ -215,6 +234,7 @@ class HighResPipeline:
 
     def __init__(self, pipe: DiffusionPipeline) -> None:
         self.pipe = pipe
+        self.adapter = pipeline_adapter(pipe)
         self.text2img = _sibling(pipe, type(pipe))
         try:
             self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)
@@ -242,8 +262,7 @@ class HighResPipeline:
             raise TypeError(f"pipe must be a diffusers DiffusionPipeline, got {type(pipe).__name__}")
         if kwargs:
             pipe = AutoPipelineForText2Image.from_pipe(pipe, **kwargs)
-        if not any(isinstance(getattr(pipe, role, None), nn.Module) for role in ("unet", "transformer")):
-            raise TypeError(f"pipe must have a `unet` or `transformer` denoiser, got {type(pipe).__name__}")
+        main_denoiser(pipe)  # a TypeError naming the pipeline when it has no unet or transformer
         if not {"height", "latents"} <= _parameters(pipe):
             raise TypeError(f"pipe must be a text-to-image pipeline, got {type(pipe).__name__}")
         return cls(pipe)
@@ -256,30 +275,17 @@ class HighResPipeline:
     @property
     def denoiser(self) -> nn.Module:
         """The pipeline's ``unet`` or ``transformer``."""
-        unet = getattr(self.pipe, "unet", None)
-        return unet if isinstance(unet, nn.Module) else self.pipe.transformer
+        return main_denoiser(self.pipe)
 
     @property
     def native_size(self) -> int:
-        """Side of the model's native square (px): the denoiser's sample size times the VAE's scale factor."""
-        sample_size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.get(
-            "sample_size"
-        )
-        if not isinstance(sample_size, int):
-            raise ValueError(
-                f"{type(self.denoiser).__name__} has no integer sample_size in its config; pass native_size (px)"
-            )
-        return sample_size * self.pipe.vae_scale_factor
+        """Side of the model's native square (px), as its family adapter reads it."""
+        return self.adapter.native_size(self.pipe)
 
     @property
     def size_multiple(self) -> int:
-        """What every stage's height and width must be a multiple of (px)."""
-        patch = self.denoiser.config.get("patch_size") or 1
-        packed = 2 if hasattr(self.pipe, "_pack_latents") else 1  # FLUX packs 2x2 latent pixels per token
-        multiple = math.lcm(self.pipe.vae_scale_factor * patch * packed, _PIPELINE_PIXEL_MULTIPLE)
-        if type(self.pipe).__name__.startswith("Sana"):
-            multiple = math.lcm(multiple, _SANA_PIXEL_MULTIPLE)
-        return multiple
+        """What every stage's height and width must be a multiple of (px), as its family adapter says."""
+        return self.adapter.size_multiple(self.pipe)
 
     def to(self, *args: Any, **kwargs: Any) -> HighResPipeline:
         """Moves the shared components (``DiffusionPipeline.to``); returns ``self``."""
@@ -308,83 +314,37 @@ class HighResPipeline:
         controlnet = getattr(self.pipe, "controlnet", None)
         return [self.denoiser] + ([controlnet] if isinstance(controlnet, nn.Module) else [])
 
-    def check_inputs(
-        self,
-        negative_prompt: Any,
-        num_inference_steps: int,
-        strengths: list[float],
-        skip_residual: bool | float,
-        tile_vae: bool | str,
-        image: Any,
-        cross_attention_kwargs: dict[str, Any] | None,
-        sequential_cfg_above: int | None,
-        feed_forward_chunk_size: int | None,
-        output_type: str,
-        on_progress: Callable[[HighResProgress], None] | None,
-        kwargs: dict[str, Any],
-    ) -> None:
-        """Validates a call's arguments against the stage pipelines before anything runs."""
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        short = [s for s in strengths if int(num_inference_steps * s) < 1]
-        if short:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} gives no step at strength {short[0]} "
-                f"(int(steps * strength) must be >= 1); raise num_inference_steps"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if sequential_cfg_above is not None and (
-            not _is_int(sequential_cfg_above) or sequential_cfg_above < 0
-        ):
-            raise ValueError(
-                f"sequential_cfg_above must be None or a pixel count >= 0, got {sequential_cfg_above!r}"
-            )
-        if feed_forward_chunk_size is not None and (
-            not _is_int(feed_forward_chunk_size) or feed_forward_chunk_size < 1
-        ):
-            raise ValueError(
-                f"feed_forward_chunk_size must be None or a positive int, got {feed_forward_chunk_size!r}"
-            )
-        if not isinstance(skip_residual, bool) and (
-            not isinstance(skip_residual, (int, float)) or skip_residual <= 0
-        ):
-            raise ValueError(f"skip_residual must be a bool or a positive exponent, got {skip_residual!r}")
-        if not isinstance(tile_vae, bool) and tile_vae != "auto":
-            raise ValueError(f"tile_vae must be True, False or 'auto', got {tile_vae!r}")
-        reserved = sorted(_RESERVED & kwargs.keys())
-        if reserved:
-            raise ValueError(
-                f"{', '.join(reserved)} are set by HighResPipeline; use its own arguments instead"
-            )
+    def check_inputs(self, request: HighResRequest) -> None:
+        """Validates a call against the stage pipelines before anything runs (``request`` checked
+        its own options when it was made)."""
         has_controlnet = getattr(self.pipe, "controlnet", None) is not None
-        if has_controlnet and image is None:
+        if has_controlnet and request.image is None:
             raise ValueError(f"{type(self.pipe).__name__} has a ControlNet: pass its condition as image")
-        if not has_controlnet and image is not None:
+        if not has_controlnet and request.image is not None:
             raise ValueError(
                 f"image is a ControlNet condition but {type(self.pipe).__name__} has no controlnet"
             )
-        if strengths and self.sdedit is not None and self.sdedit.scheduler.config.get("use_dynamic_shifting"):
+        refines = bool(request.strengths)
+        if refines and self.sdedit is not None and self.sdedit.scheduler.config.get("use_dynamic_shifting"):
             raise ValueError(
                 f"{type(self.pipe).__name__} has no image-to-image pipeline and its scheduler shifts its schedule "
                 "by image size (use_dynamic_shifting), which its SDEdit stages cannot reproduce; use stages=1"
             )
-        stage_pipes = [self.text2img] + ([self._refiner] if strengths else [])
-        for pipe in stage_pipes:
+        for pipe in [self.text2img] + ([self._refiner] if refines else []):
             parameters = _parameters(pipe)
-            if negative_prompt is not None and "negative_prompt" not in parameters:
+            if request.negative_prompt is not None and "negative_prompt" not in parameters:
                 raise ValueError(f"negative_prompt is not supported by {type(pipe).__name__}")
-            if cross_attention_kwargs is not None and not parameters & set(_ATTENTION_KWARGS):
+            if request.cross_attention_kwargs is not None and not parameters & set(_ATTENTION_KWARGS):
                 raise ValueError(f"cross_attention_kwargs is not supported by {type(pipe).__name__}")
-            unknown = sorted(kwargs.keys() - parameters)
+            unknown = sorted(request.kwargs.keys() - parameters)
             if unknown:
                 raise ValueError(f"{type(pipe).__name__} takes no argument(s) {', '.join(unknown)}")
             if "callback_on_step_end" not in parameters:
-                if skip_residual and strengths:
+                if request.skip_residual and refines:
                     raise ValueError(
                         f"skip_residual needs callback_on_step_end, which {type(pipe).__name__} lacks"
                     )
-                if on_progress is not None and "callback" not in parameters:
+                if request.on_progress is not None and "callback" not in parameters:
                     raise ValueError(f"on_progress needs a step callback, which {type(pipe).__name__} lacks")
 
     @torch.no_grad()
@@ -447,125 +407,121 @@ class HighResPipeline:
             height, width, native_size or self.native_size, stages, multiple=self.size_multiple
         )
         strengths = stage_strengths(strength_schedule, len(sizes))
-        self.check_inputs(
-            negative_prompt,
-            num_inference_steps,
-            strengths,
-            skip_residual,
-            tile_vae,
-            image,
-            cross_attention_kwargs,
-            sequential_cfg_above,
-            feed_forward_chunk_size,
-            output_type,
-            on_progress,
-            kwargs,
+        request = HighResRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            strengths=strengths,
+            skip_residual=skip_residual,
+            tile_vae=tile_vae,
+            image=image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            cross_attention_kwargs=cross_attention_kwargs,
+            sequential_cfg_above=sequential_cfg_above,
+            feed_forward_chunk_size=feed_forward_chunk_size,
+            output_type=output_type,
+            on_progress=on_progress,
+            kwargs=kwargs,
         )
-        power = SKIP_RESIDUAL_POWER if skip_residual is True else float(skip_residual)
-        common = {
-            "prompt": prompt,
-            "num_inference_steps": num_inference_steps,
-            "generator": generator,
-            **kwargs,
-        }
-        for name, value in (("negative_prompt", negative_prompt), ("guidance_scale", guidance_scale)):
-            if value is not None:
-                common[name] = value
+        self.check_inputs(request)
         stage_images = []
-        with contextlib.ExitStack() as stack:
-            if tile_vae == "auto":
-                prompts = 1 if isinstance(prompt, str) else len(prompt)
-                batch = prompts * kwargs.get("num_images_per_prompt", 1)
-                final_height, final_width = sizes[-1]
-                tile_vae = vae_needs_tiling(
-                    self.pipe.vae, batch, final_height, final_width, self.pipe._execution_device
-                )
-            stack.enter_context(vae_tiling(self.pipe.vae, tile_vae))
-            if feed_forward_chunk_size is not None:
-                stack.enter_context(chunked_feed_forward(self._denoising_models, feed_forward_chunk_size))
+        with self._memory_savers(request, sizes[-1]):
             images = None
-            for index, (stage_height, stage_width) in enumerate(sizes):
+            for stage in chain_stages(sizes, strengths):
                 if images is not None:  # the previous stage, upscaled in pixel space
-                    size = (stage_height, stage_width)
+                    size = (stage.height, stage.width)
                     images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp_(
                         0, 1
                     )
-                sequential = (
-                    sequential_cfg_above is not None and stage_height * stage_width > sequential_cfg_above
-                )
+                above = request.sequential_cfg_above
+                sequential = above is not None and stage.height * stage.width > above
                 with sequential_halves(self._denoising_models) if sequential else contextlib.nullcontext():
-                    images = self._run_stage(
-                        index,
-                        sizes,
-                        [1.0, *strengths][index],
-                        images,
-                        common,
-                        image,
-                        controlnet_conditioning_scale,
-                        cross_attention_kwargs,
-                        power if skip_residual else None,
-                        on_progress,
-                    )
+                    images = self._run_stage(request, stage, images)
                 if return_stages:  # earlier stages wait on the CPU
-                    last = index == len(sizes) - 1
+                    last = stage.index == stage.num_stages - 1
                     stage_images.append(_convert(images if last else images.cpu(), output_type))
         self.pipe.maybe_free_model_hooks()
         final = stage_images[-1] if return_stages else _convert(images, output_type)
         return HighResPipelineOutput(images=final, stages=stage_images if return_stages else None)
 
+    @contextlib.contextmanager
+    def _memory_savers(self, request: HighResRequest, final_size: tuple[int, int]) -> Iterator[None]:
+        """VAE tiling (decided for ``final_size`` when ``"auto"``) and feed-forward chunking for the call."""
+        tile = request.tile_vae
+        if tile == "auto":
+            height, width = final_size
+            tile = vae_needs_tiling(
+                self.pipe.vae, request.batch_size, height, width, self.pipe._execution_device
+            )
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(vae_tiling(self.pipe.vae, tile))
+            if request.feed_forward_chunk_size is not None:
+                stack.enter_context(
+                    chunked_feed_forward(self._denoising_models, request.feed_forward_chunk_size)
+                )
+            yield
+
+    def _stage_call(self, request: HighResRequest, stage: Stage, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """The arguments of ``pipe`` for ``stage`` that do not depend on the previous stage."""
+        parameters = _parameters(pipe)
+        call = dict(request.common(), output_type="pt")
+        if "height" in parameters:
+            call.update(height=stage.height, width=stage.width)
+        if "use_resolution_binning" in parameters:
+            call["use_resolution_binning"] = False
+        if request.cross_attention_kwargs is not None:
+            name = next(name for name in _ATTENTION_KWARGS if name in parameters)
+            call[name] = request.cross_attention_kwargs
+        if request.image is not None:
+            condition = _resize(request.image, stage.height, stage.width)
+            call["control_image" if "control_image" in parameters else "image"] = condition
+            call["controlnet_conditioning_scale"] = request.controlnet_conditioning_scale
+        return call
+
     def _run_stage(
-        self,
-        index: int,
-        sizes: list[tuple[int, int]],
-        strength: float,
-        upscaled: torch.Tensor | None,
-        common: dict[str, Any],
-        condition: Any,
-        conditioning_scale: float | list[float],
-        attention_kwargs: dict[str, Any] | None,
-        power: float | None,
-        on_progress: Callable[[HighResProgress], None] | None,
+        self, request: HighResRequest, stage: Stage, upscaled: torch.Tensor | None
     ) -> torch.Tensor:
         """One stage, from ``upscaled``: the previous stage's images at this stage's size (``None`` for
         stage 1); returns its images ``(B, 3, h, w)`` in [0, 1] on the execution device."""
-        height, width = sizes[index]
-        first = upscaled is None
-        pipe = self.text2img if first else self._refiner
-        parameters = _parameters(pipe)
-        call = dict(common, output_type="pt")
-        if "height" in parameters:
-            call.update(height=height, width=width)
-        if "use_resolution_binning" in parameters:
-            call["use_resolution_binning"] = False
-        if attention_kwargs is not None:
-            call[next(name for name in _ATTENTION_KWARGS if name in parameters)] = attention_kwargs
-        if condition is not None:
-            call["control_image" if "control_image" in parameters else "image"] = _resize(
-                condition, height, width
-            )
-            call["controlnet_conditioning_scale"] = conditioning_scale
+        pipe = self.text2img if stage.first else self._refiner
+        call = self._stage_call(request, stage, pipe)
+        power = request.skip_residual_power
         residual = None
-        if not first:
+        if not stage.first:
             if self.img2img is not None:
-                call.update(image=upscaled, strength=strength)
+                call.update(image=upscaled, strength=stage.strength)
             if self.img2img is None or power is not None:
                 clean = self._encode(upscaled)
                 noise = randn_tensor(
-                    clean.shape, generator=common["generator"], device=clean.device, dtype=clean.dtype
+                    clean.shape, generator=request.generator, device=clean.device, dtype=clean.dtype
                 )
                 if self.img2img is None:
                     call["latents"] = self._noised_start(
-                        clean, noise, strength, common["num_inference_steps"]
+                        clean, noise, stage.strength, request.num_inference_steps
                     )
                 if power is not None:
-                    residual = SkipResidual(clean, noise, power)
-        expected_steps = int(common["num_inference_steps"] * strength)
-        progress = functools.partial(HighResProgress, index + 1, len(sizes), height=height, width=width)
+                    residual = SkipResidual(
+                        self.adapter.pack_latents(clean), self.adapter.pack_latents(noise), power
+                    )
+        call.update(self._step_callbacks(request, stage, pipe, residual))
+        return pipe(**call).images
+
+    def _step_callbacks(
+        self, request: HighResRequest, stage: Stage, pipe: DiffusionPipeline, residual: SkipResidual | None
+    ) -> dict[str, Any]:
+        """The step-callback arguments of ``pipe`` that report progress and apply the skip residual."""
+        on_progress = request.on_progress
+        expected_steps = int(request.num_inference_steps * stage.strength)
+        progress = functools.partial(
+            HighResProgress, stage.index + 1, stage.num_stages, height=stage.height, width=stage.width
+        )
 
         def num_steps(stage_pipe: DiffusionPipeline) -> int:
             return getattr(stage_pipe, "num_timesteps", None) or expected_steps
 
-        if "callback_on_step_end" in parameters and (on_progress is not None or residual is not None):
+        if "callback_on_step_end" in _parameters(pipe) and (on_progress is not None or residual is not None):
 
             def on_step_end(stage_pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict) -> dict:
                 total = num_steps(stage_pipe)
@@ -575,13 +531,13 @@ class HighResPipeline:
                     return {}
                 return {"latents": residual(stage_pipe, step, total, tensors["latents"])}
 
-            call.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
-        elif on_progress is not None:
-            call.update(
-                callback=lambda step, timestep, latents: on_progress(progress(step + 1, num_steps(pipe))),
-                callback_steps=1,
-            )
-        return pipe(**call).images
+            return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+        if on_progress is not None:
+            return {
+                "callback": lambda step, timestep, latents: on_progress(progress(step + 1, num_steps(pipe))),
+                "callback_steps": 1,
+            }
+        return {}
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, h, w)`` images in [0, 1] -> the pipeline's normalised latents ``(B, C, h/f, w/f)`` (posterior mode)."""

@@ -2,12 +2,11 @@
 
 pipe = load_pipeline()                                    # embedded tiny model, LinFusion weights
 pipe = load_pipeline("runwayml/stable-diffusion-v1-5", weights="Yuanshi/LinFusion-1-5")
-check_size(pipe, 1000, 1024)  # ValueError: height=1000 is not ... a multiple of 64 ...: 960 or 1024
+check_size(pipe, 1001, 1024)  # ValueError: height=1001 is not a positive multiple of 8 ...: 1000 or 1008
 """
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import assets
+from ..denoisers import pipeline_adapter
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -28,9 +28,6 @@ DTYPES: dict[str, torch.dtype] = {
 
 SOFTMAX = "softmax"
 """Method name meaning "keep the model's own attention"."""
-
-PIXEL_MULTIPLE = 8
-"""Sizes diffusers' pipelines accept are multiples of this whatever the model (their ``check_inputs``)."""
 
 DEFAULT_WEIGHTS = "tiny-shapes-linfusion"
 """Asset used as ``weights`` for the embedded model with method ``linfusion``."""
@@ -147,45 +144,11 @@ def load_pipeline(
     return pipe
 
 
-def denoiser(pipe: Any) -> Any:
-    """The pipeline's ``unet`` or ``transformer``."""
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if model is None:
-        raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-    return model
-
-
-def size_multiple(pipe: Any) -> int:
-    """What image height and width must be a multiple of, in pixels.
-
-    UNets: the VAE factor times ``2 ** (levels - 1)`` (every down-sampling must halve evenly).
-    Transformers: the VAE factor times the patch size (at least 2 for pipelines that pack
-    2x2 latent patches, as FLUX does). Always a multiple of :data:`PIXEL_MULTIPLE`, which
-    diffusers' pipelines check on their own.
-    """
-    vae_factor = int(getattr(pipe, "vae_scale_factor", PIXEL_MULTIPLE))
-    model = denoiser(pipe)
-    if getattr(pipe, "unet", None) is not None:
-        multiple = vae_factor * 2 ** (len(model.config.block_out_channels) - 1)
-    else:
-        patch = model.config.get("patch_size") or 1
-        if hasattr(type(pipe), "_pack_latents"):
-            patch = max(patch, 2)
-        multiple = vae_factor * patch
-    return math.lcm(multiple, PIXEL_MULTIPLE)
-
-
-def native_size(pipe: Any) -> int:
-    """The size in pixels the model was trained at (``sample_size`` times the VAE factor)."""
-    sample = denoiser(pipe).config.get("sample_size") or 64
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return int(sample) * int(getattr(pipe, "vae_scale_factor", PIXEL_MULTIPLE))
-
-
 def valid_sizes(pipe: Any, near: int) -> tuple[int, ...]:
-    """The sizes ``pipe`` can render nearest to ``near``: the multiples of :func:`size_multiple`
-    just below and above it (one of them when ``near`` is valid or below the first)."""
-    multiple = size_multiple(pipe)
+    """The sizes ``pipe`` can render nearest to ``near``: the multiples of its family's size multiple
+    (:meth:`~lindiff.adapters.ModelAdapter.size_multiple`) just below and above it (one of them when
+    ``near`` is valid or below the first)."""
+    multiple = pipeline_adapter(pipe).size_multiple(pipe)
     below = near // multiple * multiple
     if below == near:
         return (near,)
@@ -194,7 +157,7 @@ def valid_sizes(pipe: Any, near: int) -> tuple[int, ...]:
 
 def check_size(pipe: Any, height: int, width: int) -> None:
     """Raise a ``ValueError`` naming the nearest valid sizes if ``pipe`` cannot render ``height x width``."""
-    multiple = size_multiple(pipe)
+    multiple = pipeline_adapter(pipe).size_multiple(pipe)
     for name, size in (("height", height), ("width", width)):
         if size <= 0 or size % multiple:
             nearest = " or ".join(map(str, valid_sizes(pipe, max(size, 1))))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..denoisers import pipeline_adapter
 from .batch import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -21,7 +22,7 @@ from .batch import (
     RenderOptions,
     render_batch,
 )
-from .loading import check_size, load_pipeline, native_size, resolve_device
+from .loading import check_size, load_pipeline, resolve_device
 from .metadata import read_params
 from .prompts import ON_ERROR, OnError, Problem, PromptFileError, PromptRow, read_prompts
 
@@ -148,8 +149,9 @@ def plan_items(
         ValueError: the default size is invalid.
     """
     default_width, default_height = config.size or (None, None)
-    width = config.width or default_width or native_size(pipe)
-    height = config.height or default_height or native_size(pipe)
+    native = pipeline_adapter(pipe).native_size(pipe)
+    width = config.width or default_width or native
+    height = config.height or default_height or native
     check_size(pipe, height, width)
     items, problems = [], []
     for row in rows:

@@ -19,7 +19,8 @@ class SkipResidual:
 
     After step ``i`` the latents are pulled towards the previous stage noised to the next timestep
     ``t``: ``c * noised + (1 - c) * latents`` with ``c = ((1 + cos(pi (T - t) / T)) / 2) ** power``.
-    ``clean``/``noise``: ``(B, C, h, w)`` latents of the upscaled previous stage and a fixed noise draw.
+    ``clean``/``noise``: latents of the upscaled previous stage and a fixed noise draw, in the layout
+    the pipeline denoises (:meth:`~lindiff.adapters.ModelAdapter.pack_latents`).
     """
 
     clean: torch.Tensor
@@ -33,14 +34,10 @@ class SkipResidual:
             return latents
         scheduler = pipe.scheduler
         timestep = scheduler.timesteps[len(scheduler.timesteps) - num_steps + step + 1 :][:1]
-        clean, noise = self.clean, self.noise
-        if latents.ndim == 3:  # FLUX packs 2x2 latent pixels into tokens
-            batch, channels, height, width = clean.shape
-            clean, noise = (pipe._pack_latents(x, batch, channels, height, width) for x in (clean, noise))
         if hasattr(scheduler, "add_noise"):
-            noised = scheduler.add_noise(clean, noise, timestep)
+            noised = scheduler.add_noise(self.clean, self.noise, timestep)
         else:
-            noised = scheduler.scale_noise(clean, timestep, noise)
+            noised = scheduler.scale_noise(self.clean, timestep, self.noise)
         total = scheduler.config.num_train_timesteps
         weight = ((1 + math.cos(math.pi * (total - float(timestep[0])) / total)) / 2) ** self.power
         return weight * noised.to(latents.dtype) + (1 - weight) * latents

@@ -7,7 +7,7 @@ import tiny_models
 import torch
 
 import lindiff
-from lindiff.attention.processors import SelfAttnProcessor
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 

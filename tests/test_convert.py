@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import lindiff
-from lindiff.attention.processors import SelfAttnProcessor
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 

@@ -85,7 +85,7 @@ def teacher_gap(distiller: Distiller, model: torch.nn.Module) -> float:
     batch = torch.utils.data.default_collate([distiller.dataset[i] for i in range(len(distiller.dataset))])
     latents, cond = distiller._batch_to_device(batch)
     noisy = distiller.objective(latents, torch.Generator().manual_seed(123))
-    call = distiller.conditioning.call
+    call = distiller.adapter.predict
     with torch.no_grad():
         teacher = call(distiller.teacher, noisy.noisy, noisy.timesteps, cond)
         return torch.nn.functional.mse_loss(call(model, noisy.noisy, noisy.timesteps, cond), teacher).item()

@@ -25,8 +25,10 @@ from lindiff.adapters.flux import grid_of_ids
 from lindiff.attention import METHODS
 from lindiff.attention.base import TokenMixer, Tokens
 from lindiff.attention.sana import SanaLinearAttention
-from lindiff.convert import denoisers
+from lindiff.denoisers import denoisers, pipeline_adapter
 from lindiff.grid import GridShape, TokenGrid
+from lindiff.pipelines import HighResPipeline
+from lindiff.pipelines.loading import check_size
 from lindiff.state import get_state
 
 SIZES = [(32, 64), (64, 32)]  # px; every tiny DiT gives (h/4, w/4) tokens
@@ -289,3 +291,21 @@ def test_lora_loads_after_linearize(kind):
 
     pipe.unload_lora_weights()
     torch.testing.assert_close(tiny.run_dit(pipe, *SIZES[0]), plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(PIPELINES))
+def test_the_family_adapter_gives_every_path_one_size_multiple_and_native_size(kind):
+    """``lindiff render``/the demo (``check_size``) and HighResPipeline read the sizes from the
+    family adapter; the pipeline renders at a size that is only a multiple of that once."""
+    pipe = PIPELINES[kind].build()
+    adapter = pipeline_adapter(pipe)
+    assert adapter.name == PIPELINES[kind].family
+    hr = HighResPipeline.from_pipe(pipe)
+    multiple = adapter.size_multiple(pipe)
+    assert (hr.size_multiple, hr.native_size) == (multiple, adapter.native_size(pipe))
+    height, width = 3 * multiple, multiple
+    check_size(pipe, height, width)
+    with pytest.raises(ValueError, match=f"multiple of {multiple}"):
+        check_size(pipe, height + multiple // 2, width)
+    out = tiny.run_dit(pipe, height, width)
+    assert out.shape == (1, 3, height, width) and torch.isfinite(out).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from unittest import mock
 
 import pytest
@@ -218,11 +219,20 @@ def test_auto_vae_tiling_tiles_only_when_memory_is_short(sd, monkeypatch):
     assert vae.use_tiling is False
 
 
-def test_free_memory_of_the_host_is_known():
-    from lindiff.pipelines.memory import free_memory
+def test_auto_tiling_takes_at_most_half_the_free_memory_with_or_without_psutil(sd, monkeypatch):
+    import psutil
 
-    assert free_memory("cpu") > 0
-    assert free_memory("meta") is None
+    from lindiff.pipelines import memory
+
+    vae = sd.pipe.vae
+    needed = memory.untiled_vae_bytes(vae, 1, HEIGHT, WIDTH)
+    available = psutil.virtual_memory().available
+    monkeypatch.setitem(sys.modules, "psutil", None)  # the host's memory from /proc/meminfo instead
+    assert abs(memory.free_memory("cpu") - available) < 2**28
+    assert memory.free_memory("meta") is None
+    monkeypatch.setattr(memory, "free_memory", lambda device: 2 * needed)
+    assert not memory.vae_needs_tiling(vae, 1, HEIGHT, WIDTH, "cpu")  # exactly half the free memory
+    assert memory.vae_needs_tiling(vae, 2, HEIGHT, WIDTH, "cpu")  # a batch of two needs all of it
 
 
 def test_tile_vae_must_be_a_bool_or_auto(sd):

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IP
 from torch import nn
 
 import lindiff
-from lindiff.attention.processors import SelfAttnProcessor
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.state import get_state
 
 IMAGE_EMBED_DIM = 12

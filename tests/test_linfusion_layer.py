@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.attention import LayerInfo, create_method
-from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.grid import TokenGrid
 from lindiff.kernels.linear_attention import linear_attention_quadratic
 

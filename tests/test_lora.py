@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lindiff
-from lindiff.attention.processors import SelfAttnProcessor
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.state import PROJECTIONS, base_linear, get_state
 
 ADAPTER = "style"

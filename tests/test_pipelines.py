@@ -14,8 +14,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnPro
 from safetensors.torch import load_file
 
 import lindiff
-from lindiff.attention.processors import SelfAttnProcessor
-from lindiff.convert import denoisers
+from lindiff.adapters.processors import SelfAttnProcessor
+from lindiff.denoisers import denoisers
 from lindiff.state import get_state
 
 PIPELINES: dict[str, Callable[[], Any]] = {

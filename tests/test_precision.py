@@ -10,8 +10,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 import lindiff
+from lindiff.adapters.processors import SelfAttnProcessor
 from lindiff.attention import LayerInfo, create_method
-from lindiff.attention.processors import SelfAttnProcessor
 from lindiff.grid import TokenGrid
 from lindiff.state import get_state
 

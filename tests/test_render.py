@@ -18,8 +18,9 @@ from PIL import Image
 import lindiff
 from lindiff import assets
 from lindiff.cli import main
+from lindiff.denoisers import pipeline_adapter
 from lindiff.pipelines.batch import Renderer, RenderItem, RenderOptions, render_batch, slugify
-from lindiff.pipelines.loading import check_size, load_pipeline, native_size, size_multiple, valid_sizes
+from lindiff.pipelines.loading import check_size, load_pipeline, valid_sizes
 from lindiff.pipelines.manifest import MANIFEST_NAME
 from lindiff.pipelines.metadata import read_params, save_png
 from lindiff.pipelines.prompts import PromptFileError, parse_size, read_prompts
@@ -135,9 +136,10 @@ def test_prompt_file_errors(tmp_path):
 
 def test_sizes_follow_the_model_and_errors_name_the_nearest():
     pipe = tiny_models.sd_pipeline()
-    # The UNet needs VAE factor 2 x 2 ** (2 levels - 1) = 4; diffusers' SD pipeline checks for 8.
-    assert size_multiple(pipe) == 8
-    assert native_size(pipe) == 16
+    # A UNet takes any latent size; diffusers' SD pipeline checks for multiples of 8 px.
+    adapter = pipeline_adapter(pipe)
+    assert adapter.size_multiple(pipe) == 8
+    assert adapter.native_size(pipe) == 16
     assert valid_sizes(pipe, 30) == (24, 32)
     assert valid_sizes(pipe, 32) == (32,)
     check_size(pipe, 32, 24)
@@ -181,7 +183,7 @@ def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="rebuild it"):
         load_pipeline()
     assert main(["render", "--prompt", "x", "--no-progress", "--out", str(tmp_path / "out")]) == 2
-    assert "rebuild it with `python -m lindiff.assets.build" in capsys.readouterr().err
+    assert "rebuild it with `python -m recipes.tiny_shapes.build" in capsys.readouterr().err
 
 
 # Rendering, metadata and resume

@@ -1,4 +1,12 @@
-"""Model-family adapters, one file each, registered by family name in :data:`FAMILIES`."""
+"""Model-family adapters, one file each, registered by family name in :data:`FAMILIES`.
+
+An adapter is the only place that knows a family: which attention layers it has and of what
+kind, how the token grid of a call is read, the processors of its converted layers (family
+plumbing lives here; see :mod:`lindiff.adapters.processors`), the image sizes its pipelines
+accept and its native size, how its latents are packed, and what the distillation trainer feeds
+it. Pipelines, the trainer, the demo and the CLI ask the adapter
+(:func:`lindiff.denoisers.pipeline_adapter`); they never test class names.
+"""
 
 from __future__ import annotations
 

@@ -13,10 +13,9 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
-from ..attention.common import reject_attention_mask
-from ..attention.processors import mixer_of
 from ..grid import TokenGrid
 from .base import ModelAdapter, tensor_argument
+from .processors import mixer_of, reject_attention_mask
 
 
 class FluxMixerAttnProcessor:
@@ -89,21 +88,22 @@ class FluxAdapter(ModelAdapter):
     image tokens through separate projections; single-stream blocks
     (``single_transformer_blocks.*.attn``, kind ``"single"``) over the concatenated sequence.
 
-    FLUX packs 2x2 latent pixels per token, so the grid is read from ``img_ids`` ``(N, 3)`` (or
-    the deprecated ``(B, N, 3)``): rows are ``ids[..., 1]``, columns ``ids[..., 2]``, frames
-    ``ids[..., 0]``; a bare transformer call works like a pipeline's.
+    FLUX packs 2x2 latent pixels per token (:meth:`pack_latents`), so latent sides are even and
+    the grid is read from ``img_ids`` ``(N, 3)`` (or the deprecated ``(B, N, 3)``): rows are
+    ``ids[..., 1]``, columns ``ids[..., 2]``, frames ``ids[..., 0]``; a bare transformer call works
+    like a pipeline's.
     """
 
     name = "flux"
     role = "transformer"
+    models = (FluxTransformer2DModel,)
+    controlnets = (FluxControlNetModel,)
+    packing = 2
+    """Latent pixels per token side."""
 
     def __init__(self) -> None:
         self.ids_position = 4
         self._last_ids: tuple[weakref.ref, int, tuple[int, int, int]] | None = None
-
-    @classmethod
-    def handles(cls, model: nn.Module) -> bool:
-        return isinstance(model, (FluxTransformer2DModel, FluxControlNetModel))
 
     def new_grid(self, model: nn.Module) -> TokenGrid:
         self.ids_position = list(inspect.signature(model.forward).parameters).index("img_ids")
@@ -132,6 +132,16 @@ class FluxAdapter(ModelAdapter):
 
     def processor(self, layer: LayerInfo) -> FluxMixerAttnProcessor:
         return FluxMixerAttnProcessor()
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        return self.packing * int(denoiser.config.get("patch_size") or 1)
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)`` tokens, as ``FluxPipeline._pack_latents`` lays them out."""
+        batch, channels, height, width = latents.shape
+        p = self.packing
+        tokens = latents.view(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        return tokens.reshape(batch, (height // p) * (width // p), channels * p * p)
 
 
 def grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int, int]:

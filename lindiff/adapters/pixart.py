@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from diffusers import PixArtTransformer2DModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import LatentGridAdapter
+from .base import Batch, LatentGridAdapter, MicroConditions, attn1_layers, micro_tensor
 
 
 class PixArtAdapter(LatentGridAdapter):
@@ -16,17 +18,42 @@ class PixArtAdapter(LatentGridAdapter):
     the cross-attention ``attn2`` to the T5 tokens stays softmax.
 
     The grid is the latent ``hidden_states`` ``(B, C, H, W)`` over ``config.patch_size``.
+    Distillation feeds PixArt-alpha's resolution and aspect-ratio conditions when the model uses them.
     """
 
     name = "pixart"
-
-    @classmethod
-    def handles(cls, model: nn.Module) -> bool:
-        return isinstance(model, PixArtTransformer2DModel)
+    models = (PixArtTransformer2DModel,)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
-        return [
-            LayerInfo(name=name, module=module, kind="self", grid=grid)
-            for name, module in model.named_modules()
-            if isinstance(module, Attention) and name.endswith("attn1") and not module.is_cross_attention
-        ]
+        return attn1_layers(model, grid)
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt=prompts, do_classifier_free_guidance=False, device=device
+        )
+        batch = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+        if denoiser.use_additional_conditions:
+            sizes = micro_tensor(micro, embeds)
+            batch["resolution"] = sizes[:, 4:6]
+            batch["aspect_ratio"] = sizes[:, 4:5] / sizes[:, 5:6]
+        return batch
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        added = {"resolution": batch.get("resolution"), "aspect_ratio": batch.get("aspect_ratio")}
+        return denoiser(
+            noisy,
+            encoder_hidden_states=batch["prompt_embeds"],
+            encoder_attention_mask=batch["prompt_attention_mask"],
+            timestep=timesteps,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+    def scale_conditions(self, batch: Batch, scale: int) -> Batch:
+        if scale == 1 or "resolution" not in batch:
+            return batch
+        return {**batch, "resolution": batch["resolution"] * scale}

@@ -10,10 +10,9 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
-from ..attention.common import reject_attention_mask
-from ..attention.processors import SelfAttnProcessor, head_norm, mixer_of
 from ..grid import TokenGrid
-from .base import LatentGridAdapter, tensor_argument
+from .base import Batch, LatentGridAdapter, MicroConditions, tensor_argument
+from .processors import SelfAttnProcessor, head_norm, image_qkv, mixer_of, reject_attention_mask
 
 
 class JointAttnProcessor:
@@ -40,9 +39,7 @@ class JointAttnProcessor:
         mixer = mixer_of(attn)
         num_image = hidden_states.shape[1]
 
-        query = head_norm(attn.norm_q, attn.to_q(mixer.query_input(hidden_states)), attn.heads)
-        key = head_norm(attn.norm_k, attn.to_k(mixer.key_input(hidden_states)), attn.heads)
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        query, key, value = image_qkv(attn, mixer, hidden_states, hidden_states)
 
         if encoder_hidden_states is not None:
             text_query = head_norm(attn.norm_added_q, attn.add_q_proj(encoder_hidden_states), attn.heads)
@@ -76,10 +73,8 @@ class SD3Adapter(LatentGridAdapter):
     """
 
     name = "sd3"
-
-    @classmethod
-    def handles(cls, model: nn.Module) -> bool:
-        return isinstance(model, (SD3Transformer2DModel, SD3ControlNetModel))
+    models = (SD3Transformer2DModel,)
+    controlnets = (SD3ControlNetModel,)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         found = []
@@ -99,3 +94,22 @@ class SD3Adapter(LatentGridAdapter):
 
     def processor(self, layer: LayerInfo) -> JointAttnProcessor | SelfAttnProcessor:
         return JointAttnProcessor() if layer.kind == "joint" else SelfAttnProcessor()
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        out = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": out[0], "pooled_prompt_embeds": out[2]}
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        return denoiser(
+            noisy,
+            encoder_hidden_states=batch["prompt_embeds"],
+            pooled_projections=batch["pooled_prompt_embeds"],
+            timestep=timesteps,
+            return_dict=False,
+        )[0]

@@ -4,36 +4,64 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import ModelAdapter, first_tensor_argument
+from .base import Batch, MicroConditions, ModelAdapter, attn1_layers, micro_tensor, tensor_argument
 
 
 class UNetAdapter(ModelAdapter):
     """``UNet2DConditionModel`` and ``ControlNetModel``: self-attention is every ``attn1``.
 
     The token grid of a layer is the latent ``(H, W)`` halved (rounding up) once per UNet level;
-    it is read from ``sample``, the denoiser's first argument.
+    it is read from ``sample``, the denoiser's first argument. Any latent size works (the UNet
+    up-samples to the skip connections' sizes), so images need only be multiples of 8 px.
+    Distillation feeds SDXL UNets (``addition_embed_type="text_time"``) the pooled text embedding
+    and the size/crop ids as well.
     """
 
     name = "unet"
     role = "unet"
-
-    @classmethod
-    def handles(cls, model: nn.Module) -> bool:
-        return isinstance(model, (UNet2DConditionModel, ControlNetModel))
+    models = (UNet2DConditionModel,)
+    controlnets = (ControlNetModel,)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
-        return [
-            LayerInfo(name=name, module=module, kind="self", grid=grid)
-            for name, module in model.named_modules()
-            if isinstance(module, Attention) and name.endswith("attn1") and not module.is_cross_attention
-        ]
+        return attn1_layers(model, grid)
 
     def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sample = first_tensor_argument(args, kwargs, "sample")
+        sample = tensor_argument(args, kwargs, "sample", 0)
         grid.update(height=sample.shape[-2], width=sample.shape[-1])
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        out = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        batch = {"prompt_embeds": out[0]}
+        if denoiser.config.addition_embed_type == "text_time":
+            batch["pooled_prompt_embeds"] = out[2]
+            batch["add_time_ids"] = micro_tensor(micro, out[0])
+        return batch
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        added = None
+        if "add_time_ids" in batch:
+            added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["add_time_ids"]}
+        return denoiser(
+            noisy,
+            timesteps,
+            encoder_hidden_states=batch["prompt_embeds"],
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+    def scale_conditions(self, batch: Batch, scale: int) -> Batch:
+        if scale == 1 or "add_time_ids" not in batch:
+            return batch
+        return {**batch, "add_time_ids": batch["add_time_ids"] * scale}

@@ -54,7 +54,7 @@ class Tokens:
 class TokenMixer(nn.Module):
     """What a method adds under ``attn.lindiff``: the attention math, and hooks on the q/k inputs.
 
-    The processors in :mod:`lindiff.attention.processors` run the original layer's projections,
+    The processors in :mod:`lindiff.adapters.processors` run the original layer's projections,
     norms and rotary embeddings, then call :meth:`forward` in place of softmax attention, so one
     method works on every layer shape (UNet, PixArt, SD3 joint, FLUX double and single blocks).
     """

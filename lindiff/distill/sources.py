@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .conditioning import Conditioning
+from ..adapters import ModelAdapter
 from .data import CacheWriter, LatentCache, cache_key
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
 
 
 def generated_cache(
-    pipe: Any, denoiser: nn.Module, conditioning: Conditioning, config: Any, accelerator: Any, identity: dict
+    pipe: Any, denoiser: nn.Module, adapter: ModelAdapter, config: Any, accelerator: Any, identity: dict
 ) -> LatentCache:
     """Latents the teacher samples for ``config.prompts`` (seed ``config.seed + item``), cached."""
     prompts = read_prompts(config.prompts)
@@ -176,7 +176,7 @@ def generated_cache(
                     generator=[torch.Generator().manual_seed(items[i][1]) for i in chunk],
                     output_type="latent",
                 ).images
-                cond = conditioning.encode(pipe, denoiser, texts, accelerator.device, [micro] * len(chunk))
+                cond = adapter.encode_prompts(pipe, denoiser, texts, accelerator.device, [micro] * len(chunk))
             for j, i in enumerate(chunk):
                 writer.write(i, {"latents": latents[j], **{k: v[j] for k, v in cond.items()}})
             bar.update(len(chunk))
@@ -187,7 +187,7 @@ def generated_cache(
 
 
 def image_folder_cache(
-    pipe: Any, denoiser: nn.Module, conditioning: Conditioning, config: Any, accelerator: Any, identity: dict
+    pipe: Any, denoiser: nn.Module, adapter: ModelAdapter, config: Any, accelerator: Any, identity: dict
 ) -> LatentCache:
     """VAE latents of the captioned images in ``config.image_folder``, cached; broken images skipped."""
     root = Path(config.image_folder)
@@ -211,7 +211,7 @@ def image_folder_cache(
                     latents = encode_images(pipe.vae, torch.stack([pixels for _, pixels, _ in loaded]))
                     texts = [images[i][1] for i, _, _ in loaded]
                     micro = [m for _, _, m in loaded]
-                    cond = conditioning.encode(pipe, denoiser, texts, accelerator.device, micro)
+                    cond = adapter.encode_prompts(pipe, denoiser, texts, accelerator.device, micro)
                 for j, (i, _, _) in enumerate(loaded):
                     writer.write(i, {"latents": latents[j], **{k: v[j] for k, v in cond.items()}})
             bar.update(len(chunk))

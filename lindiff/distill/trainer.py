@@ -24,10 +24,10 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
-from ..convert import denoisers
+from ..adapters import FAMILIES, ModelAdapter, adapter_for
+from ..denoisers import denoisers
 from ..state import get_state
 from .checkpoint import CheckpointManager
-from .conditioning import conditioning_for, scale_sizes
 from .config import DistillConfig
 from .data import DataOrder, LatentCache, pipeline_identity
 from .losses import AttentionCapture, LossWeights, distillation_losses
@@ -78,6 +78,22 @@ def load_pipeline(model: Any) -> Any:
 
 def _noise_seed(seed: int, micro_step: int, process_index: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 1024 + process_index) % (2**63)
+
+
+def distillation_adapter(teacher: torch.nn.Module) -> ModelAdapter:
+    """The adapter of ``teacher``'s family, which encodes prompts for it and calls it.
+
+    Raises:
+        TypeError: the family cannot be distilled yet (the message lists those that can).
+    """
+    adapter = adapter_for(teacher)
+    if not adapter.distillable():
+        supported = [name for name in FAMILIES if FAMILIES.get(name).distillable()]
+        raise TypeError(
+            f"distillation does not support {type(teacher).__name__} denoisers (family {adapter.name!r}) "
+            f"yet; supported families: {', '.join(supported)}"
+        )
+    return adapter
 
 
 class Distiller:
@@ -150,7 +166,7 @@ class Distiller:
         """The linearized copy with its trainable set, and every model on the device in its dtype."""
         config = self.config
         student = build_student(self.teacher, config.method, config.method_options, config.weights)
-        self.conditioning = conditioning_for(self.teacher)
+        self.adapter = distillation_adapter(self.teacher)
         self.trainable = select_trainable(student, config.trainable, config.lora_rank, config.lora_alpha)
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -211,7 +227,7 @@ class Distiller:
     def _build_dataset(self) -> LatentCache:
         identity = pipeline_identity(self.pipe)
         build = generated_cache if self.config.prompts is not None else image_folder_cache
-        args = (self.pipe, self.teacher, self.conditioning, self.config, self.accelerator, identity)
+        args = (self.pipe, self.teacher, self.adapter, self.config, self.accelerator, identity)
         return build(*args)
 
     def unwrapped_student(self) -> torch.nn.Module:
@@ -234,16 +250,16 @@ class Distiller:
         """Loss terms of one micro-batch (``{"loss": total, <term>: value}``)."""
         latents, cond = self._batch_to_device(batch)
         scale = self.config.latent_scales[micro_step % len(self.config.latent_scales)]
-        latents, cond = upsample_latents(latents, scale), scale_sizes(cond, scale)
+        latents, cond = upsample_latents(latents, scale), self.adapter.scale_conditions(cond, scale)
         seed = _noise_seed(self.config.seed, micro_step, self.accelerator.process_index)
         noisy = self.objective(latents, torch.Generator().manual_seed(seed))
         inputs = noisy.noisy.to(self.weight_dtype)
         teacher_capture, student_capture = self._captures or (None, None)
         with self.accelerator.autocast():
             with torch.no_grad(), _capturing(teacher_capture) as teacher_attention:
-                teacher_out = self.conditioning.call(self.teacher, inputs, noisy.timesteps, cond)
+                teacher_out = self.adapter.predict(self.teacher, inputs, noisy.timesteps, cond)
             with _capturing(student_capture) as student_attention:
-                student_out = self.conditioning.call(self.student, inputs, noisy.timesteps, cond)
+                student_out = self.adapter.predict(self.student, inputs, noisy.timesteps, cond)
         return distillation_losses(
             student_out,
             teacher_out,
