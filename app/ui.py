@@ -1,10 +1,16 @@
-"""The Gradio interface: ``build_app(model) -> gr.Blocks``; a thin layer over :class:`DemoModel`."""
+"""The Gradio interface: ``build_app(model) -> gr.Blocks``; a thin layer over :class:`DemoModel`.
+
+:func:`input_panel` and :func:`output_panel` lay out the two columns and return their components
+(:class:`InputPanel`, :class:`OutputPanel`); :class:`Handlers` answers the events; :func:`wire`
+connects the two.
+"""
 
 from __future__ import annotations
 
+import functools
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -40,6 +46,10 @@ PLOT_COLORS = {
 }
 """Colours of the methods in the timing plot: the teacher first, then the linear methods."""
 STATS_HEADERS = ["method", "size", "steps", "wall time (s)", "attention share", "peak memory (MB)"]
+PROGRESS = gr.Progress()
+"""The default that marks a handler's progress parameter; Gradio passes each call a tracker of its own."""
+Updates = dict[Any, Any]
+"""What a handler returns or yields: new values of output components, keyed by component."""
 
 
 def _as_int(value: float | None, name: str) -> int:
@@ -117,12 +127,333 @@ def estimate_text(
     return f"**Estimate for {w}x{h}, {n} steps** — " + "; ".join(lines)
 
 
-def build_app(model: DemoModel) -> gr.Blocks:
-    """The demo's Blocks, queued so that one run at a time uses the model."""
+def request_from(values: Sequence[Any]) -> Request:
+    """The request for the values of :meth:`InputPanel.run_inputs`, in that order."""
+    (text, neg, w, h, n, cfg, s, m, hr, use_cn, cond, cn_scale, lo, lo_scale) = values
+    return Request(
+        prompt=text,
+        negative_prompt=neg or "",
+        width=_as_int(w, "width"),
+        height=_as_int(h, "height"),
+        steps=_as_int(n, "steps"),
+        guidance=float(cfg),
+        seed=_as_int(s, "seed"),
+        method=m,
+        highres=bool(hr),
+        condition=condition_image(cond) if use_cn else None,
+        controlnet_scale=float(cn_scale),
+        lora=None if lo == NO_LORA else lo,
+        lora_scale=float(lo_scale),
+    )
+
+
+def report_progress(progress: gr.Progress, label: str, p: Progress) -> None:
+    """Show one denoising step of the run ``label`` on Gradio's progress bar."""
+    stage = f", stage {p.stage}/{p.stages}" if p.stages > 1 else ""
+    progress((p.step, p.steps), desc=f"{label}{stage}", unit="steps")
+
+
+def random_seed() -> int:
+    """A seed for the *Random* button."""
+    return random.randint(0, MAX_SEED)
+
+
+def square(size: int) -> tuple[int, int]:
+    """Width and height of a size preset."""
+    return size, size
+
+
+@dataclass(frozen=True)
+class ControlNetInputs:
+    """The ControlNet accordion's inputs."""
+
+    use: gr.Checkbox
+    condition: gr.ImageEditor
+    scale: gr.Slider
+
+
+@dataclass(frozen=True)
+class LoraInputs:
+    """The LoRA accordion's inputs."""
+
+    name: gr.Dropdown
+    scale: gr.Slider
+
+
+@dataclass(frozen=True)
+class InputPanel:
+    """The left column: what to render, the estimate of its cost, and the buttons."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    preset: gr.Dropdown
+    width: gr.Number
+    height: gr.Number
+    steps: gr.Slider
+    guidance: gr.Slider
+    seed: gr.Number
+    randomize: gr.Button
+    method: gr.Dropdown
+    estimate: gr.Markdown
+    highres: gr.Checkbox
+    control: ControlNetInputs
+    lora: LoraInputs
+    generate: gr.Button
+    compare: gr.Button
+    cancel: gr.Button
+
+    def run_inputs(self) -> list[gr.components.Component]:
+        """The inputs of Generate and Compare, in the order that :func:`request_from` reads."""
+        return [
+            *(self.prompt, self.negative, self.width, self.height, self.steps, self.guidance, self.seed),
+            *(self.method, self.highres, self.control.use, self.control.condition, self.control.scale),
+            *(self.lora.name, self.lora.scale),
+        ]
+
+
+@dataclass(frozen=True)
+class OutputPanel:
+    """The right column: status, the image or the teacher/student comparison, stats, files, plot."""
+
+    status: gr.Markdown
+    tabs: gr.Tabs
+    image: gr.Image
+    slider: gr.ImageSlider
+    diff: gr.Image
+    stats: gr.Dataframe
+    files: gr.File
+    plot: gr.ScatterPlot
+
+
+def controlnet_inputs(model: DemoModel) -> ControlNetInputs:
+    """The ControlNet accordion (hidden without a ControlNet): switch, drawing canvas, scale."""
+    blank = Image.new("RGB", (CANVAS, CANVAS))
+    with gr.Accordion("ControlNet", open=False, visible=model.control_pipe is not None):
+        use = gr.Checkbox(False, label="Use the condition (shapes in white on black)")
+        condition = gr.ImageEditor(
+            {"background": blank, "layers": [], "composite": None},
+            type="pil",
+            image_mode="RGB",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
+            canvas_size=(CANVAS, CANVAS),
+            label="Condition",
+        )
+        scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale")
+    return ControlNetInputs(use, condition, scale)
+
+
+def lora_inputs(model: DemoModel) -> LoraInputs:
+    """The LoRA accordion (hidden without LoRAs): which one, and its scale."""
+    with gr.Accordion("LoRA", open=False, visible=bool(model.loras)):
+        name = gr.Dropdown([NO_LORA, *model.loras], value=NO_LORA, label="LoRA")
+        scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
+    return LoraInputs(name, scale)
+
+
+def input_panel(model: DemoModel) -> InputPanel:
+    """Lay out the :class:`InputPanel` in the current column."""
     methods = [(model.method_label(m), m) for m in (SOFTMAX, *model.linear_methods)]
     presets = [(f"{s} x {s} ({s / model.native:g}x native)", s) for s in model.presets()]
-    blank = Image.new("RGB", (CANVAS, CANVAS))
+    prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+    negative = gr.Textbox(label="Negative prompt", max_length=MAX_PROMPT_CHARS)
+    preset = gr.Dropdown(presets, value=model.native, label="Size preset")
+    with gr.Row():
+        width = gr.Number(model.native, label="Width", precision=0, step=model.multiple)
+        height = gr.Number(model.native, label="Height", precision=0, step=model.multiple)
+    with gr.Row():
+        steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+        guidance = gr.Slider(0, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance")
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+        randomize = gr.Button("Random", size="sm", scale=1, min_width=80)
+    method = gr.Dropdown(methods, value=model.default_method, label="Attention")
+    estimate = gr.Markdown()
+    highres = gr.Checkbox(False, label="High-resolution chain (render native, then upscale in stages)")
+    control = controlnet_inputs(model)
+    lora = lora_inputs(model)
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        compare = gr.Button("Compare", elem_id="compare")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+    return InputPanel(
+        *(prompt, negative, preset, width, height, steps, guidance, seed, randomize, method, estimate),
+        *(highres, control, lora, generate, compare, cancel),
+    )
 
+
+def timing_plot(model: DemoModel) -> gr.ScatterPlot:
+    """Seconds per step against megapixels, one colour per method (see :func:`timing_frame`)."""
+    colors = dict(zip((SOFTMAX, *model.linear_methods), PLOT_COLORS.items(), strict=False))
+    return gr.ScatterPlot(
+        timing_frame(model),
+        x="megapixels",
+        y="seconds per step",
+        color="method",
+        color_map={method: code for method, (_, code) in colors.items()},
+        tooltip="all",
+        # Gradio leaves the colour legend empty, so the label says which colour is which.
+        label="Time vs resolution, all runs so far: "
+        + ", ".join(f"{method} {name}" for method, (name, _) in colors.items()),
+        height=300,
+    )
+
+
+def output_panel(model: DemoModel) -> OutputPanel:
+    """Lay out the :class:`OutputPanel` in the current column."""
+    status = gr.Markdown(elem_id="status")
+    with gr.Tabs() as tabs:
+        with gr.Tab("Image", id="image"):
+            image = gr.Image(label="Result", type="filepath", format="png", elem_id="result")
+        with gr.Tab("Compare", id="compare"), gr.Row():
+            slider = gr.ImageSlider(
+                label="Teacher | student", type="filepath", format="png", height=400, scale=2
+            )
+            diff = gr.Image(label=f"|teacher - student| x {DIFF_GAIN}", type="pil", format="png", height=400)
+    stats = gr.Dataframe(headers=STATS_HEADERS, label="This run", interactive=False)
+    files = gr.File(label="PNGs with their parameters", file_count="multiple", interactive=False)
+    return OutputPanel(status, tabs, image, slider, diff, stats, files, timing_plot(model))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One render of a run: the status shown while it runs, its progress label, the request."""
+
+    status: str
+    label: str
+    request: Request
+
+
+class Handlers:
+    """The event handlers of one app: they read the panels' inputs and update their components."""
+
+    def __init__(self, model: DemoModel, inputs: InputPanel, outputs: OutputPanel) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.out = outputs
+
+    def run_outputs(self) -> list[gr.components.Component]:
+        """What Generate and Compare update, in the order the API returns them."""
+        out = self.out
+        return [
+            *(out.status, out.tabs, out.image, out.slider, out.diff, out.stats, out.files, out.plot),
+            self.inputs.estimate,
+        ]
+
+    # Gradio passes the session (gr.Request) and a progress tracker to the two handlers below
+    # through their leading positional parameters, then the values of ``InputPanel.run_inputs``.
+    def generate(self, req: gr.Request, progress: gr.Progress = PROGRESS, *values: Any) -> Iterator[Updates]:
+        yield from self._run(req.session_hash, progress, values, compare=False)
+
+    def compare(self, req: gr.Request, progress: gr.Progress = PROGRESS, *values: Any) -> Iterator[Updates]:
+        yield from self._run(req.session_hash, progress, values, compare=True)
+
+    def cancel(self, req: gr.Request) -> str:
+        if self.model.cancel(req.session_hash):
+            return "Cancelling at the next step…"
+        return "Nothing of yours is running."
+
+    def estimate(self, method: str, width: float | None, height: float | None, steps: float) -> str:
+        return estimate_text(self.model, method, width, height, steps)
+
+    def _stages(self, request: Request, compare: bool) -> list[Stage]:
+        """Generate renders ``request``; Compare renders the teacher, then ``request`` (the student)."""
+        name = self.model.method_label
+        if not compare:
+            return [Stage(f"Rendering with {name(request.method)}…", request.method, request)]
+        if request.method == SOFTMAX:
+            raise ValueError("Compare needs a linear attention method; choose one under Attention")
+        pair = (("teacher", replace(request, method=SOFTMAX)), ("student", request))
+        return [Stage(f"Rendering the {label} ({name(r.method)})…", label, r) for label, r in pair]
+
+    def _run(
+        self, session: str, progress: gr.Progress, values: Sequence[Any], compare: bool
+    ) -> Iterator[Updates]:
+        """Render the stages of Generate (one) or Compare (teacher, then student) in turn."""
+        out = self.out
+        try:
+            stages = self._stages(request_from(values), compare)
+            for stage in stages:
+                self.model.check(stage.request)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        done: list[Generation] = []
+        try:
+            for stage in stages:
+                yield {
+                    out.status: stage.status,
+                    out.tabs: gr.Tabs(selected="compare" if compare else "image"),
+                }
+                report = functools.partial(report_progress, progress, stage.label)
+                done.append(self.model.run(stage.request, session, report))
+        except Cancelled as stop:
+            yield {
+                out.status: f"**Cancelled** {stop}.",
+                **({} if not done else {out.stats: stats_rows(done)}),
+            }
+            return
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        yield self._compared(*done) if compare else self._generated(*done)
+
+    def _generated(self, result: Generation) -> Updates:
+        return {
+            self.out.image: str(result.path),
+            **self._finished([result], f"Done in {result.record.stats.wall_s:.2f} s."),
+        }
+
+    def _compared(self, teacher: Generation, student: Generation) -> Updates:
+        t, s = teacher.record.stats.wall_s, student.record.stats.wall_s
+        note = f"Teacher {t:.2f} s, student {s:.2f} s: {t / max(s, 1e-9):.2f}x speed-up."
+        return {
+            self.out.slider: (str(teacher.path), str(student.path)),
+            self.out.diff: difference(teacher.image, student.image),
+            **self._finished([teacher, student], note),
+        }
+
+    def _finished(self, done: list[Generation], note: str) -> Updates:
+        last = done[-1].request
+        return {
+            self.out.status: note,
+            self.out.stats: stats_rows(done),
+            self.out.files: [str(g.path) for g in done],
+            self.out.plot: timing_frame(self.model),
+            self.inputs.estimate: self.estimate(last.method, last.width, last.height, last.steps),
+        }
+
+
+def wire(demo: gr.Blocks, handlers: Handlers) -> None:
+    """Connect the buttons and fields to ``handlers``; runs queue for the model one at a time."""
+    ins = handlers.inputs
+    run_options = {
+        "inputs": ins.run_inputs(),
+        "outputs": handlers.run_outputs(),
+        "concurrency_limit": 1,
+        "concurrency_id": "model",
+    }
+    ins.generate.click(handlers.generate, api_name="generate", **run_options)
+    ins.compare.click(handlers.compare, api_name="compare", **run_options)
+    ins.prompt.submit(handlers.generate, api_visibility="private", **run_options)
+    ins.cancel.click(
+        handlers.cancel, outputs=handlers.out.status, api_name="cancel", concurrency_limit=None, queue=False
+    )
+    ins.randomize.click(random_seed, outputs=ins.seed, api_visibility="private", queue=False)
+    ins.preset.input(
+        square, inputs=ins.preset, outputs=[ins.width, ins.height], api_visibility="private", queue=False
+    )
+    estimate_options = {
+        "inputs": [ins.method, ins.width, ins.height, ins.steps],
+        "outputs": ins.estimate,
+        "api_visibility": "private",
+        "queue": False,
+    }
+    for trigger in (ins.width, ins.height, ins.steps, ins.method):
+        trigger.change(handlers.estimate, **estimate_options)
+    demo.load(handlers.estimate, **estimate_options)
+
+
+def build_app(model: DemoModel) -> gr.Blocks:
+    """The demo's Blocks, queued so that one run at a time uses the model."""
     with gr.Blocks(title="lindiff demo", analytics_enabled=False) as demo:
         gr.Markdown(
             "# lindiff — linear attention for diffusion models\n"
@@ -132,218 +463,9 @@ def build_app(model: DemoModel) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", max_length=MAX_PROMPT_CHARS)
-                preset = gr.Dropdown(presets, value=model.native, label="Size preset")
-                with gr.Row():
-                    width = gr.Number(model.native, label="Width", precision=0, step=model.multiple)
-                    height = gr.Number(model.native, label="Height", precision=0, step=model.multiple)
-                with gr.Row():
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance")
-                with gr.Row():
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
-                    randomize = gr.Button("Random", size="sm", scale=1, min_width=80)
-                method = gr.Dropdown(methods, value=model.default_method, label="Attention")
-                estimate = gr.Markdown()
-                highres = gr.Checkbox(
-                    False, label="High-resolution chain (render native, then upscale in stages)"
-                )
-                with gr.Accordion("ControlNet", open=False, visible=model.control_pipe is not None):
-                    use_control = gr.Checkbox(False, label="Use the condition (shapes in white on black)")
-                    condition = gr.ImageEditor(
-                        {"background": blank, "layers": [], "composite": None},
-                        type="pil",
-                        image_mode="RGB",
-                        sources=["upload", "clipboard"],
-                        brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed"),
-                        canvas_size=(CANVAS, CANVAS),
-                        label="Condition",
-                    )
-                    control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale")
-                with gr.Accordion("LoRA", open=False, visible=bool(model.loras)):
-                    lora = gr.Dropdown([NO_LORA, *model.loras], value=NO_LORA, label="LoRA")
-                    lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                    compare = gr.Button("Compare", elem_id="compare")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                inputs = input_panel(model)
             with gr.Column(scale=3):
-                status = gr.Markdown(elem_id="status")
-                with gr.Tabs() as tabs:
-                    with gr.Tab("Image", id="image"):
-                        image = gr.Image(label="Result", type="filepath", format="png", elem_id="result")
-                    with gr.Tab("Compare", id="compare"), gr.Row():
-                        slider = gr.ImageSlider(
-                            label="Teacher | student", type="filepath", format="png", height=400, scale=2
-                        )
-                        diff = gr.Image(
-                            label=f"|teacher - student| x {DIFF_GAIN}",
-                            type="pil",
-                            format="png",
-                            height=400,
-                        )
-                stats = gr.Dataframe(headers=STATS_HEADERS, label="This run", interactive=False)
-                files = gr.File(label="PNGs with their parameters", file_count="multiple", interactive=False)
-                colors = dict(zip((SOFTMAX, *model.linear_methods), PLOT_COLORS.items(), strict=False))
-                plot = gr.ScatterPlot(
-                    timing_frame(model),
-                    x="megapixels",
-                    y="seconds per step",
-                    color="method",
-                    color_map={method: code for method, (_, code) in colors.items()},
-                    tooltip="all",
-                    # Gradio leaves the colour legend empty, so the label says which colour is which.
-                    label="Time vs resolution, all runs so far: "
-                    + ", ".join(f"{method} {name}" for method, (name, _) in colors.items()),
-                    height=300,
-                )
-
-        inputs = [prompt, negative, width, height, steps, guidance, seed, method, highres]
-        inputs += [use_control, condition, control_scale, lora, lora_scale]
-        outputs = [status, tabs, image, slider, diff, stats, files, plot, estimate]
-
-        def request_from(values: tuple[Any, ...]) -> Request:
-            (text, neg, w, h, n, cfg, s, m, hr, use_cn, cond, cn_scale, lo, lo_scale) = values
-            return Request(
-                prompt=text,
-                negative_prompt=neg or "",
-                width=_as_int(w, "width"),
-                height=_as_int(h, "height"),
-                steps=_as_int(n, "steps"),
-                guidance=float(cfg),
-                seed=_as_int(s, "seed"),
-                method=m,
-                highres=bool(hr),
-                condition=condition_image(cond) if use_cn else None,
-                controlnet_scale=float(cn_scale),
-                lora=None if lo == NO_LORA else lo,
-                lora_scale=float(lo_scale),
-            )
-
-        def reporter(progress: gr.Progress, label: str) -> Callable[[Progress], None]:
-            def report(p: Progress) -> None:
-                stage = f", stage {p.stage}/{p.stages}" if p.stages > 1 else ""
-                progress((p.step, p.steps), desc=f"{label}{stage}", unit="steps")
-
-            return report
-
-        def finished(done: list[Generation], note: str) -> dict[Any, Any]:
-            last = done[-1].request
-            return {
-                status: note,
-                stats: stats_rows(done),
-                files: [str(g.path) for g in done],
-                plot: timing_frame(model),
-                estimate: estimate_text(model, last.method, last.width, last.height, last.steps),
-            }
-
-        # Gradio passes the session (gr.Request) and the progress tracker to the two handlers below
-        # through their leading positional parameters, then the values of ``inputs``.
-        def run_generate(
-            req: gr.Request,
-            progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio tracks progress through this default)
-            *values: Any,
-        ) -> Iterator[dict[Any, Any]]:
-            try:
-                request = request_from(values)
-                model.check(request)
-            except ValueError as error:
-                raise gr.Error(str(error)) from error
-            yield {
-                status: f"Rendering with {model.method_label(request.method)}…",
-                tabs: gr.Tabs(selected="image"),
-            }
-            try:
-                result = model.run(request, req.session_hash, reporter(progress, request.method))
-            except Cancelled as stop:
-                yield {status: f"**Cancelled** {stop}."}
-                return
-            except ValueError as error:
-                raise gr.Error(str(error)) from error
-            yield {
-                image: str(result.path),
-                **finished([result], f"Done in {result.record.stats.wall_s:.2f} s."),
-            }
-
-        def run_compare(
-            req: gr.Request,
-            progress: gr.Progress = gr.Progress(),  # noqa: B008 (gradio tracks progress through this default)
-            *values: Any,
-        ) -> Iterator[dict[Any, Any]]:
-            try:
-                student_request = request_from(values)
-                if student_request.method == SOFTMAX:
-                    raise ValueError("Compare needs a linear attention method; choose one under Attention")
-                teacher_request = replace(student_request, method=SOFTMAX)
-                model.check(teacher_request)
-                model.check(student_request)
-            except ValueError as error:
-                raise gr.Error(str(error)) from error
-            done: list[Generation] = []
-            try:
-                for label, request in (("teacher", teacher_request), ("student", student_request)):
-                    yield {
-                        status: f"Rendering the {label} ({model.method_label(request.method)})…",
-                        tabs: gr.Tabs(selected="compare"),
-                    }
-                    done.append(model.run(request, req.session_hash, reporter(progress, label)))
-            except Cancelled as stop:
-                yield {status: f"**Cancelled** {stop}.", **({} if not done else {stats: stats_rows(done)})}
-                return
-            except ValueError as error:
-                raise gr.Error(str(error)) from error
-            teacher, student = done
-            speedup = teacher.record.stats.wall_s / max(student.record.stats.wall_s, 1e-9)
-            yield {
-                slider: (str(teacher.path), str(student.path)),
-                diff: difference(teacher.image, student.image),
-                **finished(
-                    done,
-                    f"Teacher {teacher.record.stats.wall_s:.2f} s, student {student.record.stats.wall_s:.2f} s: "
-                    f"{speedup:.2f}x speed-up.",
-                ),
-            }
-
-        def run_cancel(req: gr.Request) -> str:
-            if model.cancel(req.session_hash):
-                return "Cancelling at the next step…"
-            return "Nothing of yours is running."
-
-        run_options = {
-            "inputs": inputs,
-            "outputs": outputs,
-            "concurrency_limit": 1,
-            "concurrency_id": "model",
-        }
-        generate.click(run_generate, api_name="generate", **run_options)
-        compare.click(run_compare, api_name="compare", **run_options)
-        prompt.submit(run_generate, api_visibility="private", **run_options)
-        cancel.click(run_cancel, outputs=status, api_name="cancel", concurrency_limit=None, queue=False)
-        randomize.click(
-            lambda: random.randint(0, MAX_SEED), outputs=seed, api_visibility="private", queue=False
-        )
-        preset.input(
-            lambda size: (size, size),
-            inputs=preset,
-            outputs=[width, height],
-            api_visibility="private",
-            queue=False,
-        )
-        for trigger in (width, height, steps, method):
-            trigger.change(
-                lambda m, w, h, n: estimate_text(model, m, w, h, n),
-                inputs=[method, width, height, steps],
-                outputs=estimate,
-                api_visibility="private",
-                queue=False,
-            )
-        demo.load(
-            lambda m, w, h, n: estimate_text(model, m, w, h, n),
-            inputs=[method, width, height, steps],
-            outputs=estimate,
-            api_visibility="private",
-            queue=False,
-        )
+                outputs = output_panel(model)
+        wire(demo, Handlers(model, inputs, outputs))
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from gradio_client.utils import Status
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
@@ -60,6 +61,20 @@ def inputs(**changes: object) -> list[object]:
     }
     values.update(changes)
     return list(values.values())
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def step_of(job: gradio_client.client.Job) -> int:
+    """The last denoising step that ``job`` reported (0 before its first)."""
+    progress = job.status().progress_data
+    return (progress[-1].index or 0) if progress else 0
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +151,7 @@ def test_compare_needs_a_linear_method(client: gradio_client.Client) -> None:
 def test_cancel_stops_the_run_between_steps(client: gradio_client.Client, model: DemoModel) -> None:
     runs = len(model.records)
     job = client.submit(*inputs(steps=LONG_RUN_STEPS, method=SOFTMAX), api_name="/generate")
-    deadline = time.monotonic() + 30
-    while not (job.status().progress_data or job.done()):
-        assert time.monotonic() < deadline, "the run never reported progress"
-        time.sleep(0.05)
+    wait_for(lambda: job.status().progress_data or job.done(), "the run reports progress", timeout_s=30)
     assert client.predict(api_name="/cancel").startswith("Cancelling")
     status = job.result(timeout=30)[0]
     assert status.startswith("**Cancelled**"), status
@@ -149,10 +161,27 @@ def test_cancel_stops_the_run_between_steps(client: gradio_client.Client, model:
     assert client.predict(*inputs(), api_name="/generate")[0].startswith("Done")  # the model is free again
 
 
-def test_cancel_only_stops_the_callers_own_run(url: str, model: DemoModel) -> None:
-    assert (
-        gradio_client.Client(url, verbose=False).predict(api_name="/cancel") == "Nothing of yours is running."
+def test_cancel_only_stops_the_callers_own_run(
+    client: gradio_client.Client, url: str, model: DemoModel
+) -> None:
+    other = gradio_client.Client(url, verbose=False)  # a second user, with a session of its own
+    runs = len(model.records)
+    # Twice the size, so the long run lasts seconds even on a fast machine; the short one queues behind it.
+    long_run = client.submit(
+        *inputs(steps=LONG_RUN_STEPS, method=SOFTMAX, width=2 * SIZE, height=2 * SIZE), api_name="/generate"
     )
+    wait_for(lambda: step_of(long_run) > 0, "the long run reports progress")
+    short_run = other.submit(*inputs(), api_name="/generate")
+    wait_for(lambda: short_run.status().code == Status.IN_QUEUE, "the short run waits in the queue")
+    assert other.predict(api_name="/cancel") == "Nothing of yours is running."
+    step = step_of(long_run)
+    wait_for(lambda: step_of(long_run) > step, "the long run goes on after the other user's cancel")
+    assert not short_run.done()
+    assert client.predict(api_name="/cancel").startswith("Cancelling")
+    status = long_run.result(timeout=120)[0]
+    assert status.startswith("**Cancelled**"), status
+    assert short_run.result(timeout=120)[0].startswith("Done")
+    assert len(model.records) == runs + 1  # the short run only; a cancelled run is not measured
 
 
 @pytest.mark.parametrize(
@@ -254,4 +283,4 @@ def test_cli_demo_without_the_embedded_model_says_how_to_build_it(
 ) -> None:
     monkeypatch.setattr(assets, "ROOT", tmp_path)
     assert cli.main(["demo"]) == 2
-    assert "python -m lindiff.assets.build" in capsys.readouterr().err
+    assert "python -m recipes.tiny_shapes.build" in capsys.readouterr().err

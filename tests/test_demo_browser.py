@@ -1,19 +1,21 @@
-"""Browser test of the Gradio demo: Playwright drives Debian's Chromium headless (never downloads one)."""
+"""Browser test of the Gradio demo: the README screenshot's script drives a system Chromium headless.
+
+The test never installs a browser nor writes into the tree: without Chromium on PATH it skips, and
+its screenshot goes to a temporary folder (``python bench/demo_screenshot.py`` updates the README's).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import tiny_models
-from playwright.sync_api import expect, sync_playwright
+from PIL import Image
 
-from lindiff.app import create_model, launch
+from lindiff.app import create_model
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
 pytestmark = [
@@ -21,70 +23,47 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser")
-APT_TIMEOUT_S = 900
-SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "demo-screenshot.png"
-"""Overwritten by every run; the README shows it."""
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "demo_screenshot.py"
 
 
-def find_or_install_chromium() -> str:
-    """Path of a system Chromium; installs Debian's package with apt-get when root, else skips."""
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        pytest.skip("no chromium on PATH, and no apt-get as root to install it (apt-get install chromium)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for command in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "chromium"]):
-            subprocess.run(command, check=True, capture_output=True, timeout=APT_TIMEOUT_S, env=env)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"could not install chromium with apt-get: {error}")
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("apt-get installed chromium, but it is not on PATH")
-    return found
+def load_script() -> ModuleType:
+    """Import ``bench/demo_screenshot.py`` (bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("demo_screenshot_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_screenshot = load_script()
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    return find_or_install_chromium()
+    found = demo_screenshot.find_chromium()
+    if found is None:
+        pytest.skip(
+            "no system Chromium on PATH (chromium, chromium-browser); install it: apt-get install chromium"
+        )
+    return found
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The demo of the embedded model when it is installed (as users see it), else of a tiny pipeline."""
+    output_dir = str(tmp_path_factory.mktemp("demo-out"))
     try:
-        model = create_model(device="cpu", output_dir=str(tmp_path_factory.mktemp("demo-out")))
+        model = create_model(device="cpu", output_dir=output_dir)
     except FileNotFoundError:
         folder = tmp_path_factory.mktemp("demo-model")
         tiny_models.sd_pipeline().save_pretrained(folder)
-        model = create_model(str(folder), device="cpu", output_dir=str(tmp_path_factory.mktemp("demo-out")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = launch(model, port=port, prevent_thread_lock=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+        model = create_model(str(folder), device="cpu", output_dir=output_dir)
+    with demo_screenshot.serve(model) as address:
+        yield address
 
 
-def test_generate_and_compare_in_chromium(chromium: str, url: str) -> None:
-    with sync_playwright() as playwright:
-        # Chromium's sandbox cannot start as root (containers); it is only a browser for this test.
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1200})
-            page.goto(url)
-            page.locator("#prompt textarea").fill("a red circle above a blue square")
-            page.locator("#generate").click()
-            expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-            expect(page.locator("#result img")).to_be_visible()
-            page.locator("#compare").click()
-            expect(page.locator("#status")).to_contain_text("speed-up", timeout=60_000)
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=SCREENSHOT, full_page=True)
-        finally:
-            browser.close()
+def test_generate_and_compare_in_chromium(chromium: str, url: str, tmp_path: Path) -> None:
+    out = demo_screenshot.screenshot(url, chromium, tmp_path / "demo.png")
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(out) as image:  # the whole page: the viewport's width, at least its height
+        assert image.width == demo_screenshot.VIEWPORT["width"]
+        assert image.height >= demo_screenshot.VIEWPORT["height"]
