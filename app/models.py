@@ -42,38 +42,19 @@ DEFAULT_METHOD = "linfusion"
 """The method preselected when the student's weights name none (the default of `lindiff.linearize`)."""
 
 
-@dataclass(frozen=True)
-class Request:
-    """One image to render. ``method`` is ``"softmax"`` (the teacher) or a linear method name."""
+@dataclass(frozen=True, kw_only=True)
+class Request(ImageRequest):
+    """One image to render (an :class:`~lindiff.pipelines.request.ImageRequest`) with the attention
+    to render it with and the LoRA to apply.
 
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
+    Attributes:
+        method: ``"softmax"`` (the teacher) or a linear method name.
+        lora, lora_scale: a loaded LoRA's name (``None``: none) and its scale.
+    """
+
     method: str
-    negative_prompt: str = ""
-    highres: bool = False
-    condition: Image.Image | None = None
-    controlnet_scale: float = 1.0
     lora: str | None = None
     lora_scale: float = 1.0
-
-    def image(self) -> ImageRequest:
-        """The image this request renders, as :class:`~lindiff.pipelines.request.ImageRenderer` takes it."""
-        return ImageRequest(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            guidance=self.guidance,
-            seed=self.seed,
-            highres=self.highres,
-            condition=self.condition,
-            controlnet_scale=self.controlnet_scale,
-        )
 
 
 @dataclass(frozen=True)
@@ -284,7 +265,7 @@ class DemoModel:
         self.check(request)
         image, record = self._render(request, owner, on_progress)
         weights = self.weights if self._uses_checkpoint(request.method) else None
-        params = request.image().params(self.model, request.method, weights)
+        params = request.params(self.model, request.method, weights)
         name = (
             f"{next(self._numbers):05d}-{request.method}-s{request.seed}-{request.width}x{request.height}.png"
         )
@@ -331,7 +312,7 @@ class DemoModel:
                         raise Cancelled(done, progress)
 
                 with meter.measure():
-                    image = renderer(request.image(), step)
+                    image = renderer(request, step)
             finally:
                 self._owner = None
         record = RunRecord(
