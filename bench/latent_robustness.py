@@ -2,8 +2,9 @@
 
 A denoiser never produces a training latent exactly; what matters is whether the decoder still
 draws the right shapes from a latent that is slightly off. Held-out scenes of the shipped
-model's training world are encoded (scaled latent means, as the UNet sees them), disturbed, and
-decoded; the benchmark classifier scores prompt accuracy (exactly the captioned objects) of:
+model's training world (``lindiff.assets.world()``), rendered at the VAE's ``sample_size``, are
+encoded (scaled latent means, as the UNet sees them), disturbed, and decoded; the benchmark
+classifier scores prompt accuracy (exactly the captioned objects) of:
 
 - ``real``: the renders themselves (checks the classifier);
 - ``round_trip``: encode and decode;
@@ -28,7 +29,6 @@ from common import device_label, save_results  # bench/ is on sys.path when run 
 from diffusers import AutoencoderKL
 
 import lindiff.assets
-from lindiff.assets.architectures import NATIVE_SIZE, TRAINING_WORLD
 from lindiff.data import make_example, render, to_tensor
 from lindiff.evaluation import EVAL_SEEDS, ShapeClassifier, detect_objects, prompt_scores
 
@@ -65,11 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     classifier_path = args.classifier or lindiff.assets.path("tiny-shapes-classifier")
     classifier = ShapeClassifier.from_pretrained(classifier_path).to(device).eval()
-    scale = vae.config.scaling_factor
+    scale, size = vae.config.scaling_factor, vae.config.sample_size
 
-    examples = [make_example(EVAL_SEEDS + i, NATIVE_SIZE, TRAINING_WORLD) for i in range(args.count)]
+    world = lindiff.assets.world()
+    examples = [make_example(EVAL_SEEDS + i, size, world) for i in range(args.count)]
     specs = [example.spec for example in examples]
-    images = torch.stack([to_tensor(render(example.scene, NATIVE_SIZE)) for example in examples]).to(device)
+    images = torch.stack([to_tensor(render(example.scene, size)) for example in examples]).to(device)
     latents = torch.cat(
         [vae.encode(chunk).latent_dist.mean * scale for chunk in images.split(args.batch_size)]
     )

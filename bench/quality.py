@@ -30,8 +30,6 @@ six colours) unless ``--world full``.
 Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid beside it.
 """
 
-from __future__ import annotations
-
 import argparse
 import collections
 import dataclasses
@@ -40,7 +38,7 @@ import math
 import statistics
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +49,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import lindiff
 import lindiff.assets
-from lindiff.assets.architectures import TRAINING_WORLD
 from lindiff.cli import environment
 from lindiff.data import Example, ShapesConfig, condition_image, make_example, render, to_tensor
+from lindiff.denoisers import pipeline_adapter
 from lindiff.evaluation import (
     DETECTION_SIZE,
     EVAL_SEEDS,
@@ -68,7 +66,6 @@ from lindiff.evaluation import (
 )
 from lindiff.pipelines import HighResPipeline, plan_stages
 from lindiff.pipelines.highres import DEFAULT_STRENGTHS
-from lindiff.pipelines.loading import native_size
 from lindiff.pipelines.sdedit import stage_strengths
 
 TEACHER_TARGET = 0.80
@@ -76,12 +73,13 @@ TEACHER_TARGET = 0.80
 STUDENT_GAP = 0.03
 """Most the student may trail the teacher at native size."""
 LORA_ADAPTER = "stripes"
-WORLDS: dict[str, ShapesConfig] = {"training": TRAINING_WORLD, "full": ShapesConfig()}
-"""Scene distributions to draw prompts from (``make_example(seed, size, world)``)."""
+WORLDS: dict[str, Callable[[], ShapesConfig]] = {"training": lindiff.assets.world, "full": ShapesConfig}
+"""Scene distributions to draw prompts from (``make_example(seed, size, world)``): the shipped model's
+training world (its ``world.json``) or the whole shapes world."""
 TILE = 128
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="pipeline folder (default: the tiny-shapes asset)")
     parser.add_argument("--weights", help="student weights (default: tiny-shapes-linfusion; 'none': fresh)")
@@ -127,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--quick", action="store_true", help="fewer prompts (see the counts above)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quality-<device>.json)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the per-scale counts defaulted (``--quick`` or not) and checked."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     defaults = {"num_prompts": [16, 4, 2], "num_control": [4, 2, 0], "num_lora": 4}
     if not args.quick:
@@ -148,6 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.steps, args.batch_size, args.columns) < 1:
         parser.error("--steps, --batch-size and --columns must be at least 1")
     return args
+
+
+def native_size(pipe: StableDiffusionPipeline) -> int:
+    """Side (px) of the square the pipeline's model was trained at, as its family's adapter reads it."""
+    return pipeline_adapter(pipe).native_size(pipe)
 
 
 def asset(value: str | None, name: str) -> str | None:
@@ -340,10 +349,84 @@ def targets(generation: dict) -> dict:
     return found
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a benchmark run renders.
+
+    Attributes:
+        native: the model's native size (px).
+        sizes: size (px) of every scale, keyed ``"1x"``, ``"2x"``, ...
+        runs: ``(size, highres)`` of every generation run, keyed as ``sizes`` plus ``"2x-highres"``, ...
+        counts: prompts of every run (the first ``counts[key]`` of ``examples``).
+        control_counts: ControlNet prompts of every scale (empty without a ControlNet).
+        num_lora: LoRA prompts at native size (0 without a LoRA).
+        world: the scenes the prompts describe.
+        examples: the prompts, ``make_example(EVAL_SEEDS + i, native, world)``.
+    """
+
+    native: int
+    sizes: dict[str, int]
+    runs: dict[str, tuple[int, bool]]
+    counts: dict[str, int]
+    control_counts: dict[str, int]
+    num_lora: int
+    world: ShapesConfig
+    examples: list[Example]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, native: int, control: bool, lora: bool) -> "RunPlan":
+        """The plan of ``args`` for a model of ``native`` px, with or without a ControlNet and a LoRA."""
+        sizes = {f"{scale}x": native * scale for scale in args.scales}
+        counts = dict(zip(sizes, args.num_prompts, strict=True))
+        runs = {key: (size, False) for key, size in sizes.items()}
+        for key, size in sizes.items():
+            if args.highres and size > native:
+                runs[f"{key}-highres"] = (size, True)
+                counts[f"{key}-highres"] = counts[key]
+        control_counts = dict(zip(sizes, args.num_control, strict=True)) if control else {}
+        world = WORLDS[args.world]()
+        examples = [make_example(EVAL_SEEDS + i, native, world) for i in range(max(args.num_prompts))]
+        return cls(native, sizes, runs, counts, control_counts, args.num_lora if lora else 0, world, examples)
+
+    def conditions(self) -> dict[str, list[Image.Image]]:
+        """The ControlNet's mask conditions of every scale that has ControlNet prompts."""
+        return {
+            key: [condition_image(example.scene, "mask", size) for example in self.examples[:count]]
+            for key, size in self.sizes.items()
+            if (count := self.control_counts.get(key))
+        }
+
+
+@dataclasses.dataclass
+class Models:
+    """The asset folders of a run (``None``: skipped) and what was loaded from them."""
+
+    paths: dict[str, str | None]
+    pipe: StableDiffusionPipeline
+    classifier: ShapeClassifier
+    control_pipe: StableDiffusionControlNetPipeline | None
+
+    @property
+    def student_target(self) -> StableDiffusionPipeline:
+        """What ``linearize`` converts: the ControlNet pipeline (its UNet and ControlNet) if there is one."""
+        return self.control_pipe if self.control_pipe is not None else self.pipe
+
+
+@dataclasses.dataclass
+class Results:
+    """Scores of both variants by run key, and the images of the PNG grid by row label."""
+
+    generation: dict[str, dict] = dataclasses.field(default_factory=lambda: {"teacher": {}, "student": {}})
+    correct: dict[str, dict[str, list[bool]]] = dataclasses.field(
+        default_factory=lambda: {"teacher": {}, "student": {}}
+    )
+    control: dict[str, dict] = dataclasses.field(default_factory=lambda: {"teacher": {}, "student": {}})
+    lora: dict[str, dict] = dataclasses.field(default_factory=dict)
+    shown: dict[str, list[Image.Image]] = dataclasses.field(default_factory=dict)
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> Models:
+    """The pipeline, classifier and ControlNet pipeline of ``args`` (the shipped assets by default)."""
     dtype = getattr(torch, args.dtype)
     paths = {
         "model": asset(args.model, "tiny-shapes"),
@@ -364,142 +447,193 @@ def main(argv: list[str] | None = None) -> dict:
             **pipe.components, controlnet=controlnet, requires_safety_checker=False
         )
         control_pipe.set_progress_bar_config(disable=True)
-    native = native_size(pipe)
-    sizes = {f"{scale}x": native * scale for scale in args.scales}
-    counts = dict(zip(sizes, args.num_prompts, strict=True))
-    runs = {key: (size, False) for key, size in sizes.items()}
-    for key, size in sizes.items():
-        if args.highres and size > native:
-            runs[f"{key}-highres"] = (size, True)
-            counts[f"{key}-highres"] = counts[key]
-    control_counts = dict(zip(sizes, args.num_control, strict=True)) if control_pipe else {}
-    num_lora = args.num_lora if paths["lora"] else 0
-    world = WORLDS[args.world]
-    examples = [make_example(EVAL_SEEDS + i, native, world) for i in range(max(args.num_prompts))]
-    print(f"quality of {paths['model']} on {device_label(device)}: sizes {sizes}, prompts {counts}")
+    return Models(paths, pipe, classifier, control_pipe)
 
-    by_size = {size: seconds_per_image(pipe, size, args) for size in sizes.values()}
-    per_image = {key: by_size[size] for key, size in sizes.items()}
-    for key, (size, highres) in runs.items():
+
+def estimate_seconds(pipe: StableDiffusionPipeline, plan: RunPlan, args: argparse.Namespace) -> float:
+    """Rough seconds of the whole run (teacher speed for both models), printed with the per-image costs."""
+    by_size = {size: seconds_per_image(pipe, size, args) for size in plan.sizes.values()}
+    per_image = {key: by_size[size] for key, size in plan.sizes.items()}
+    for key, (size, highres) in plan.runs.items():
         if highres:
             per_image[key] = highres_seconds_per_image(pipe, size, args, by_size)
-    work = {key: counts[key] + 1.5 * control_counts.get(key, 0) for key in runs}
-    work["1x"] = work.get("1x", 0) + num_lora
-    estimate = 2 * sum(per_image[key] * work[key] for key in runs)
+    work = {key: plan.counts[key] + 1.5 * plan.control_counts.get(key, 0) for key in plan.runs}
+    work["1x"] = work.get("1x", 0) + plan.num_lora
+    estimate = 2 * sum(per_image[key] * work[key] for key in plan.runs)
     print(f"estimated time: {estimate / 60:.1f} min (teacher speed for both; seconds per image {per_image})")
+    return estimate
 
+
+def score_real(classifier: ShapeClassifier, plan: RunPlan) -> tuple[dict[str, dict], torch.Tensor]:
+    """The classifier's scores on real renders of every scale's prompts, and its features ``(N, F)``
+    of native renders of all of them."""
     real = {}
-    for key, size in sizes.items():
-        chosen = examples[: counts[key]]
+    for key, size in plan.sizes.items():
+        chosen = plan.examples[: plan.counts[key]]
         renders = torch.stack([to_tensor(render(example.scene, size)) for example in chosen])
         detections = detect_objects(classifier, renders)
         scores = prompt_scores([example.spec for example in chosen], detections)
         real[key] = {name: value for name, value in scores.items() if not isinstance(value, list)}
         masks = [condition_image(example.scene, "mask", size) for example in chosen]
         real[key]["mask_iou"] = control_scores(detections, masks, chosen)["mask_iou"]
-    native_renders = torch.stack([to_tensor(render(example.scene)) for example in examples])
+    native_renders = torch.stack([to_tensor(render(example.scene)) for example in plan.examples])
     with torch.no_grad():
-        real_features = torch.cat([classifier.features(chunk).cpu() for chunk in native_renders.split(32)])
+        features = torch.cat([classifier.features(chunk).cpu() for chunk in native_renders.split(32)])
     print(f"classifier on real renders: {real}")
+    return real, features
 
-    generation: dict[str, dict] = {"teacher": {}, "student": {}}
-    correct: dict[str, dict[str, list[bool]]] = {"teacher": {}, "student": {}}
-    control: dict[str, dict] = {"teacher": {}, "student": {}}
-    lora: dict[str, dict] = {}
-    conditions = {
-        key: [condition_image(example.scene, "mask", size) for example in examples[: control_counts[key]]]
-        for key, size in sizes.items()
-        if control_counts.get(key)
+
+def generation_runs(
+    variant: str,
+    models: Models,
+    plan: RunPlan,
+    real_features: torch.Tensor,
+    args: argparse.Namespace,
+    results: Results,
+) -> float | None:
+    """Render and score every run of ``variant``; returns the mean stripe score of the first
+    ``plan.num_lora`` prompts at 1x (``None`` without a LoRA run)."""
+    plain_stripes = None
+    for key, (size, highres) in plan.runs.items():
+        start = time.perf_counter()
+        chosen = plan.examples[: plan.counts[key]]
+        images = generate(models.pipe, chosen, size, args, highres=highres)
+        results.generation[variant][key], detections = score(models.classifier, images, chosen, real_features)
+        results.generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
+        results.correct[variant][key] = [
+            prompt_correct(example.spec, objects) for example, objects in zip(chosen, detections, strict=True)
+        ]
+        results.shown[f"{variant} {key} ({size} px)"] = [to_pil(image) for image in images[: args.columns]]
+        print(f"{variant} {key}: {results.generation[variant][key]}")
+        if key == "1x" and plan.num_lora:
+            plain_stripes = mean_stripes(images[: plan.num_lora], detections[: plan.num_lora])
+    return plain_stripes
+
+
+def control_runs(
+    variant: str,
+    models: Models,
+    conditions: dict[str, list[Image.Image]],
+    plan: RunPlan,
+    args: argparse.Namespace,
+    results: Results,
+) -> None:
+    """Render ``variant`` with the ControlNet on every scale's ``conditions`` and score its adherence."""
+    for key, key_conditions in conditions.items():
+        chosen = plan.examples[: len(key_conditions)]
+        images = generate(models.control_pipe, chosen, plan.sizes[key], args, key_conditions)
+        found = detect_objects(models.classifier, images)
+        results.control[variant][key] = control_scores(found, key_conditions, chosen)
+        results.shown[f"{variant} + ControlNet {key}"] = [to_pil(image) for image in images[: args.columns]]
+        print(f"{variant} + ControlNet {key}: {results.control[variant][key]}")
+
+
+def lora_run(
+    variant: str,
+    models: Models,
+    plain_stripes: float | None,
+    plan: RunPlan,
+    args: argparse.Namespace,
+    results: Results,
+) -> None:
+    """Render ``variant`` with the LoRA at native size; its stripe score against ``plain_stripes``."""
+    models.pipe.load_lora_weights(models.paths["lora"], adapter_name=LORA_ADAPTER)
+    chosen = plan.examples[: plan.num_lora]
+    images = generate(models.pipe, chosen, plan.native, args)
+    models.pipe.unload_lora_weights()
+    detections = detect_objects(models.classifier, images)
+    results.lora[variant] = {
+        "stripe_score_without_lora": plain_stripes,
+        "stripe_score_with_lora": mean_stripes(images, detections),
+        "prompt_accuracy_with_lora": prompt_scores([e.spec for e in chosen], detections)["prompt_accuracy"],
+        "num_prompts": plan.num_lora,
     }
-    shown: dict[str, list[Image.Image]] = {
-        "real": [render(example.scene) for example in examples[: args.columns]]
-    }
-    student_target = control_pipe if control_pipe is not None else pipe
+    results.shown[f"{variant} + LoRA 1x"] = [to_pil(image) for image in images[: args.columns]]
+    print(f"{variant} + LoRA: {results.lora[variant]}")
+
+
+def run_variants(
+    models: Models, plan: RunPlan, real_features: torch.Tensor, args: argparse.Namespace
+) -> tuple[Results, list[str]]:
+    """Render and score the teacher, then the student (``linearize``, undone at the end); also the
+    row labels of the PNG grid, in order."""
+    conditions = plan.conditions()
+    results = Results(shown={"real": [render(example.scene) for example in plan.examples[: args.columns]]})
     for variant in ("teacher", "student"):
         if variant == "student":
-            lindiff.linearize(student_target, method=args.method, weights=paths["weights"])
-        plain_stripes = None
-        for key, (size, highres) in runs.items():
-            start = time.perf_counter()
-            chosen = examples[: counts[key]]
-            images = generate(pipe, chosen, size, args, highres=highres)
-            generation[variant][key], detections = score(classifier, images, chosen, real_features)
-            generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
-            correct[variant][key] = [
-                prompt_correct(example.spec, objects)
-                for example, objects in zip(chosen, detections, strict=True)
-            ]
-            shown[f"{variant} {key} ({size} px)"] = [to_pil(image) for image in images[: args.columns]]
-            print(f"{variant} {key}: {generation[variant][key]}")
-            if key == "1x" and num_lora:
-                plain_stripes = mean_stripes(images[:num_lora], detections[:num_lora])
-        for key, key_conditions in conditions.items():
-            chosen = examples[: len(key_conditions)]
-            images = generate(control_pipe, chosen, sizes[key], args, key_conditions)
-            control[variant][key] = control_scores(detect_objects(classifier, images), key_conditions, chosen)
-            shown[f"{variant} + ControlNet {key}"] = [to_pil(image) for image in images[: args.columns]]
-            print(f"{variant} + ControlNet {key}: {control[variant][key]}")
-        if num_lora:
-            pipe.load_lora_weights(paths["lora"], adapter_name=LORA_ADAPTER)
-            chosen = examples[:num_lora]
-            images = generate(pipe, chosen, native, args)
-            pipe.unload_lora_weights()
-            detections = detect_objects(classifier, images)
-            lora[variant] = {
-                "stripe_score_without_lora": plain_stripes,
-                "stripe_score_with_lora": mean_stripes(images, detections),
-                "prompt_accuracy_with_lora": prompt_scores([e.spec for e in chosen], detections)[
-                    "prompt_accuracy"
-                ],
-                "num_prompts": num_lora,
-            }
-            shown[f"{variant} + LoRA 1x"] = [to_pil(image) for image in images[: args.columns]]
-            print(f"{variant} + LoRA: {lora[variant]}")
-    lindiff.restore(student_target)
-
+            lindiff.linearize(models.student_target, method=args.method, weights=models.paths["weights"])
+        plain_stripes = generation_runs(variant, models, plan, real_features, args, results)
+        control_runs(variant, models, conditions, plan, args, results)
+        if plan.num_lora:
+            lora_run(variant, models, plain_stripes, plan, args, results)
+    lindiff.restore(models.student_target)
     rows = ["real"] + [
-        f"{variant} {key} ({size} px)" for key, (size, _) in runs.items() for variant in generation
+        f"{variant} {key} ({size} px)"
+        for key, (size, _) in plan.runs.items()
+        for variant in results.generation
     ]
     for key, key_conditions in conditions.items():
-        shown[f"condition {key}"] = key_conditions[: args.columns]
-        rows += [f"condition {key}"] + [f"{variant} + ControlNet {key}" for variant in control]
-    rows += [f"{variant} + LoRA 1x" for variant in lora]
-    label = device_label(device, short=True) + ("-quick" if args.quick else "")
-    out = args.out or Path(f"quality-{label}.json")
+        results.shown[f"condition {key}"] = key_conditions[: args.columns]
+        rows += [f"condition {key}"] + [f"{variant} + ControlNet {key}" for variant in results.control]
+    rows += [f"{variant} + LoRA 1x" for variant in results.lora]
+    return results, rows
+
+
+def run_config(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
+    """The ``config`` section of the JSON: what was rendered, and how."""
+    return {
+        **models.paths,
+        "method": args.method,
+        "native_size": plan.native,
+        "sizes": plan.sizes,
+        "num_prompts": plan.counts,
+        "highres": {"strengths": list(DEFAULT_STRENGTHS), "stages": "auto"} if args.highres else None,
+        "num_control": plan.control_counts,
+        "num_lora": plan.num_lora,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "prompt_seeds": f"{EVAL_SEEDS} + i",
+        "world": {"name": args.world, **dataclasses.asdict(plan.world)},
+        "position_min_separation": POSITION_SEPARATION,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = load_models(args, device)
+    plan = RunPlan.from_args(
+        args, native_size(models.pipe), models.control_pipe is not None, models.paths["lora"] is not None
+    )
+    print(
+        f"quality of {models.paths['model']} on {device_label(device)}: sizes {plan.sizes}, prompts {plan.counts}"
+    )
+    estimate = estimate_seconds(models.pipe, plan, args)
+    real, real_features = score_real(models.classifier, plan)
+    results, rows = run_variants(models, plan, real_features, args)
+    generation, correct = results.generation, results.correct
     result = {
         "benchmark": "quality",
         "description": __doc__.split("\n\n")[0],
         "environment": environment(),
         "device": device_label(device),
-        "config": {
-            **paths,
-            "method": args.method,
-            "native_size": native,
-            "sizes": sizes,
-            "num_prompts": counts,
-            "highres": {"strengths": list(DEFAULT_STRENGTHS), "stages": "auto"} if args.highres else None,
-            "num_control": control_counts,
-            "num_lora": num_lora,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
-            "prompt_seeds": f"{EVAL_SEEDS} + i",
-            "world": {"name": args.world, **dataclasses.asdict(world)},
-            "position_min_separation": POSITION_SEPARATION,
-        },
+        "config": run_config(args, models, plan),
         "classifier_on_real": real,
         "generation": generation,
-        "paired": {key: paired_counts(correct["teacher"][key], correct["student"][key]) for key in runs},
-        "controlnet": control if control_counts else None,
-        "lora": lora or None,
+        "paired": {key: paired_counts(correct["teacher"][key], correct["student"][key]) for key in plan.runs},
+        "controlnet": results.control if plan.control_counts else None,
+        "lora": results.lora or None,
         "targets": targets(generation),
         "estimated_seconds": estimate,
         "seconds": time.perf_counter() - started,
     }
-    path = save_results(result, out)
-    titles = [example.text for example in examples[: args.columns]]
-    grid = save_grid(titles, [(row, shown[row]) for row in rows], path.with_suffix(".png"))
+    label = device_label(device, short=True) + ("-quick" if args.quick else "")
+    path = save_results(result, args.out or Path(f"quality-{label}.json"))
+    titles = [example.text for example in plan.examples[: args.columns]]
+    grid = save_grid(titles, [(row, results.shown[row]) for row in rows], path.with_suffix(".png"))
     print(f"targets: {result['targets']}")
     print(f"saved {path} and {grid} in {result['seconds'] / 60:.1f} min")
     return result

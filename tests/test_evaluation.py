@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,30 +24,23 @@ from lindiff.data import (
     ObjectGroup,
     SceneSpec,
     condition_image,
+    label_map,
     make_example,
     masks,
-    render,
-    to_tensor,
 )
 from lindiff.evaluation import (
     EVAL_SEEDS,
-    Augmentations,
     DetectedObject,
     ShapeClassifier,
     connected_components,
     detect_from_logits,
-    detect_objects,
     frechet_distance,
     mask_iou,
     position_correct,
     prompt_correct,
     prompt_scores,
-    real_accuracy,
-    stripe_score,
-    train_classifier,
 )
 from lindiff.evaluation.classifier import SILHOUETTE_MARGIN, crop_silhouettes
-from lindiff.evaluation.training import add_stripes, augment, ground_truth, silhouettes
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -58,9 +52,13 @@ def obj(colour: str, shape: str, x: float = 0.5, y: float = 0.5) -> DetectedObje
 
 
 def one_hot_logits(examples: list, size: int) -> torch.Tensor:
-    """Ground-truth colours at ``size`` px as logits: 1 for the true class, 0 elsewhere."""
-    _, colours, _, _ = ground_truth(examples, size)
-    return F.one_hot(colours, 1 + len(SHAPE_COLOURS)).permute(0, 3, 1, 2).float()
+    """Ground-truth colours at ``size`` px as logits: 1 for the true class (0 background,
+    ``1 + SHAPE_COLOURS.index(colour)``), 0 elsewhere."""
+    colours = []
+    for example in examples:
+        classes = np.array([0] + [1 + SHAPE_COLOURS.index(obj.colour) for obj in example.scene.objects])
+        colours.append(torch.from_numpy(classes[label_map(example.scene, size)]))
+    return F.one_hot(torch.stack(colours), 1 + len(SHAPE_COLOURS)).permute(0, 3, 1, 2).float()
 
 
 def true_shapes(examples: list) -> Callable[[np.ndarray], list[str]]:
@@ -176,10 +174,6 @@ def test_silhouette_crops_centre_the_object():
     rows, cols = on.any(dim=1).nonzero()[:, 0], on.any(dim=0).nonzero()[:, 0]
     assert abs((rows[0] + rows[-1]) / 2 - 15.5) <= 0.5 and abs((cols[0] + cols[-1]) / 2 - 15.5) <= 0.5
     assert cols[-1] - cols[0] + 1 == pytest.approx(32 / SILHOUETTE_MARGIN, abs=1.5)
-    examples = [make_example(EVAL_SEEDS + i) for i in range(4)]
-    _, _, object_masks, shapes = ground_truth(examples)
-    noisy = silhouettes(object_masks, 32, torch.Generator().manual_seed(0))
-    assert noisy.shape == (len(shapes), 1, 32, 32) and (noisy.flatten(1).amax(dim=1) > 0.5).all()
 
 
 def test_frechet_distance():
@@ -215,43 +209,6 @@ def test_mask_iou():
         mask_iou(np.zeros(8, bool), condition)
 
 
-def test_stripe_score_separates_flat_fills_from_stripes():
-    examples = [make_example(EVAL_SEEDS + i) for i in range(8)]
-    images, colours, _, _ = ground_truth(examples)
-    striped = add_stripes(images, colours, torch.ones(8, dtype=torch.bool), torch.Generator().manual_seed(0))
-    for index, example in enumerate(examples):
-        objects = masks(example.scene)  # one mask per object: their colours differ
-        assert stripe_score(images[index], objects) < 0.01
-        assert stripe_score(striped[index], objects) > 0.05
-        assert stripe_score(render(example.scene), objects) < 0.01
-    assert stripe_score(images[0], (colours[0] > 0).numpy()) >= 0.0  # one (H, W) mask works too
-    assert np.isnan(stripe_score(images[0], np.zeros((128, 128), bool)))
-
-
-def test_augment_moves_targets_with_flips_and_calls_reconstruct():
-    examples = [make_example(EVAL_SEEDS + i) for i in range(4)]
-    images, colours, _, _ = ground_truth(examples)
-    calls = []
-
-    def reconstruct(batch: torch.Tensor) -> torch.Tensor:
-        calls.append(batch.shape[0])
-        return batch
-
-    only_flip = Augmentations(
-        stripes=0, flip=1, reconstruct=0.5, jitter=0, drift=0, resample=0, blur=0, noise=0, jpeg=0
-    )
-    out = augment(images.clone(), colours.clone(), torch.Generator(), only_flip, reconstruct)
-    torch.testing.assert_close(out[0], images.flip(-1))
-    assert torch.equal(out[1], colours.flip(-1))
-    assert calls == [2]
-    full = augment(images.clone(), colours.clone(), torch.Generator().manual_seed(1))
-    assert full[0].shape == images.shape and full[0].abs().max() <= 1.0
-    with pytest.raises(ValueError, match="blur"):
-        Augmentations(blur=1.5)
-    with pytest.raises(ValueError, match="max_morph"):
-        Augmentations(max_morph=-1)
-
-
 def test_classifier_outputs_save_load_round_trip(tmp_path):
     classifier = ShapeClassifier().eval()
     assert sum(p.numel() for p in classifier.parameters()) < 500_000
@@ -276,22 +233,6 @@ def test_classifier_outputs_save_load_round_trip(tmp_path):
         classifier.shape_logits(torch.zeros(3, 1, 16, 16), crops=True)
     with pytest.raises(ValueError, match="widths"):
         ShapeClassifier(widths=(16, 20))
-
-
-def test_train_classifier_is_deterministic_and_saves(tmp_path):
-    first = train_classifier(tmp_path / "a", steps=2, batch_size=4, seed=3, progress=False)
-    second = train_classifier(None, steps=2, batch_size=4, seed=3, progress=False)
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
-        assert torch.equal(a, b.half().float()), name  # the first returns what it saved: fp16 weights
-    record = json.loads((tmp_path / "a" / "training.json").read_text())
-    assert record["steps"] == 2 and record["seed"] == 3
-    loaded = ShapeClassifier.from_pretrained(tmp_path / "a")
-    renders = torch.stack([to_tensor(render(make_example(EVAL_SEEDS).scene))])
-    assert len(detect_objects(loaded, renders)) == 1
-    scores = real_accuracy(loaded, count=3, blur=1.0, noise=0.05)
-    assert scores["num_prompts"] == 3 and 0.0 <= scores["prompt_accuracy"] <= 1.0
-    with pytest.raises(ValueError, match="steps"):
-        train_classifier(None, steps=0)
 
 
 def _load_bench_script(name: str, monkeypatch: pytest.MonkeyPatch):
@@ -356,16 +297,23 @@ def test_quality_bench_sign_test(monkeypatch):
 
 
 def test_latent_robustness_bench_on_the_shipped_vae(tmp_path, monkeypatch):
-    """Clean renders score perfectly; the round trip and latent noise keep most prompts, a latent blur loses more."""
+    """On 16 scenes every score lies within three binomial standard errors of the committed
+    200-scene figure; clean renders score perfectly, and a latent blur loses more than the round trip."""
     bench = _load_bench_script("latent_robustness", monkeypatch)
     out = tmp_path / "robustness.json"
     result = bench.main(["--count", "16", "--batch-size", "8", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     scores = result["prompt_accuracy"]
-    assert set(scores) == {"real", "round_trip", "noise_0.1", "noise_0.2", "noise_0.4", "blur_3x3"}
+    committed = json.loads((BENCH / "results" / "latent_robustness-cpu.json").read_text())["prompt_accuracy"]
+    assert (
+        set(scores)
+        == set(committed)
+        == {"real", "round_trip", "noise_0.1", "noise_0.2", "noise_0.4", "blur_3x3"}
+    )
+    for key, expected in committed.items():
+        band = 3 * math.sqrt(expected * (1 - expected) / 16) + 0.001  # scores are rounded to 3 places
+        assert abs(scores[key] - expected) <= band, (key, scores[key], expected)
     assert scores["real"] == 1.0
-    assert scores["round_trip"] >= 0.75
-    assert scores["noise_0.4"] >= 0.8  # the VAE trains with latent noise; without it a quarter survived
     assert scores["blur_3x3"] < scores["round_trip"]
     assert result["latent_shape"] == [4, 16, 16] and result["num_scenes"] == 16
     with pytest.raises(SystemExit):

@@ -1,7 +1,8 @@
-"""Packaging: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``, and a checkout root on
-``sys.path`` does not shadow packages of those names."""
+"""Packaging: the wheel maps kernels/, pipelines/ and app/ into ``lindiff``, ships the assets but not
+the recipes that train them, and a checkout root on ``sys.path`` does not shadow packages of those names."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,21 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+BUILD_LEFTOVERS = (
+    "build",
+    "dist",
+    "*.egg-info",
+    ".build",
+    ".venv",
+    ".git",
+    "__pycache__",
+    "*_cache",
+    "outputs",
+)
+"""What a clean checkout lacks: setuptools copies a stale ``build/lib`` (modules since moved away) into
+the wheel, so the wheel is built from a copy of the source without these."""
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    source = tmp_path_factory.mktemp("source") / "lindiff"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "-q",
-            "-w",
-            str(out),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
     )
@@ -48,6 +56,18 @@ def test_wheel_installs_subpackages_inside_lindiff_only(wheel):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"lindiff = lindiff.cli:main" in entry_points
+
+
+def test_wheel_ships_the_assets_but_not_the_recipe_that_trains_them(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lindiff/assets/__init__.py" in names
+    assert "lindiff/assets/tiny-shapes/world.json" in names
+    assert "lindiff/assets/tiny-shapes/unet/diffusion_pytorch_model.safetensors" in names
+    assets_code = [n for n in names if n.startswith("lindiff/assets/") and n.endswith(".py")]
+    assert assets_code == ["lindiff/assets/__init__.py"], assets_code
+    for recipe in ("lindiff/evaluation/training.py", "lindiff/data/styles.py", "lindiff/data/dataset.py"):
+        assert recipe not in names
+    assert not [n for n in names if n.startswith("recipes/") or "/recipes/" in n]
 
 
 def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):

@@ -1,12 +1,10 @@
-"""The shapes world: seeded scenes, rendering and ground truth, the caption grammar, datasets."""
+"""The shapes world: seeded scenes, rendering and ground truth, the caption grammar."""
 
 import itertools
 import json
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from lindiff.data import (
     BACKGROUNDS,
@@ -21,7 +19,6 @@ from lindiff.data import (
     SceneSpec,
     ShapeObject,
     ShapesConfig,
-    ShapesDataset,
     condition_image,
     format_caption,
     label_map,
@@ -29,12 +26,10 @@ from lindiff.data import (
     masks,
     parse_caption,
     rasterize,
-    read_folder,
     relation_holds,
     render,
     sample_scene,
     spec_holds,
-    write_folder,
 )
 
 EXAMPLES = [make_example(seed) for seed in range(400)]
@@ -258,44 +253,6 @@ def test_condition_images(kind, size):
         assert on.any() and not (on & ~union).any() and on.sum() < 0.6 * union.sum()
 
 
-def test_dataset_items():
-    dataset = ShapesDataset(6, seed=10)
-    assert len(dataset) == 6
-    item = dataset[2]
-    assert set(item) == {"image", "text", "label_map", "seed"}
-    assert item["image"].shape == (3, 128, 128) and item["image"].dtype == torch.float32
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
-    assert item["label_map"].shape == (128, 128) and item["label_map"].dtype == torch.int64
-    example = make_example(12)
-    assert item["text"] == example.text and item["seed"] == 12
-    expected = torch.from_numpy(np.asarray(render(example.scene)).copy()).permute(2, 0, 1) / 127.5 - 1
-    assert torch.equal(item["image"], expected)
-    assert dataset.example(-1) == make_example(15)
-    with pytest.raises(IndexError):
-        dataset[6]
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
-    assert batch["image"].shape == (4, 3, 128, 128) and len(batch["text"]) == 4
-    pil = ShapesDataset(2, seed=10, size=64, output="pil")[0]["image"]
-    assert isinstance(pil, Image.Image) and pil.size == (64, 64)
-
-
-def test_write_and_read_folder(tmp_path):
-    out = write_folder(tmp_path / "shapes", count=5, seed=3, size=64)
-    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert [r["file_name"] for r in lines] == [f"{i:06d}.png" for i in range(5)]
-    for i, record in enumerate(lines):
-        example = make_example(3 + i, size=64)
-        assert record["text"] == example.text == (out / f"{i:06d}.txt").read_text().strip()
-        assert record["seed"] == 3 + i and record["size"] == 64
-        assert [o["shape"] for o in record["objects"]] == [o.shape for o in example.scene.objects]
-        assert record["objects"][0]["pixel_box"] == list(example.scene.objects[0].pixel_box(64))
-        with Image.open(out / record["file_name"]) as image:
-            assert np.array_equal(np.asarray(image), np.asarray(render(example.scene)))
-    for (name, example), record in zip(read_folder(out), lines, strict=True):
-        assert name == record["file_name"]
-        assert example == make_example(record["seed"], size=64)
-
-
 def test_impossible_configs_fail_clearly():
     with pytest.raises(RuntimeError, match="could not place 3 objects"):
         sample_scene(0, config=ShapesConfig(num_objects=(3, 3), size_range=(0.8, 0.9)))
@@ -333,8 +290,6 @@ def test_config_is_respected():
         (lambda: ShapesConfig(colours=("white",), backgrounds=("white",)), "colours"),
         (lambda: CaptionConfig(p_background=1.5), "p_background"),
         (lambda: condition_image(sample_scene(0), "depth"), "kind"),
-        (lambda: ShapesDataset(4, output="numpy"), "output"),
-        (lambda: ShapesDataset(0), "length"),
         (lambda: relation_holds((0, 0), (1, 1), "near"), "relation"),
         (lambda: SceneSpec((ObjectGroup(1, "red", "star"),), "left"), "relation"),
         (lambda: ObjectGroup(4, "red", "star"), "count"),

@@ -1,12 +1,12 @@
-"""Synthetic training and evaluation data.
+"""The shapes world: seeded synthetic scenes with captions and pixel ground truth.
 
-The shapes world: 1-3 flat-coloured shapes on a plain background, captions from a small
-grammar that :func:`parse_caption` inverts, and pixel ground truth (boxes, masks, label maps,
-ControlNet conditions) at any resolution.
+1-3 flat-coloured shapes on a plain background, captions from a small grammar that
+:func:`parse_caption` inverts, and pixel ground truth (boxes, masks, label maps, ControlNet
+conditions) at any resolution.
 
-    from lindiff.data import ShapesDataset, write_folder, parse_caption
-    dataset = ShapesDataset(10_000, seed=0, size=128)
-    write_folder("shapes_train", count=10_000, seed=0)
+    from lindiff.data import make_example, parse_caption, render
+    example = make_example(seed=0)               # example.scene, example.spec, example.text
+    image = render(example.scene, size=256)
 """
 
 from .captions import (
@@ -22,7 +22,7 @@ from .captions import (
     relation_holds,
     spec_holds,
 )
-from .dataset import Example, ShapesDataset, make_example, read_folder, to_tensor, write_folder
+from .examples import Example, make_example, to_tensor
 from .raster import CONDITION_KINDS, condition_image, label_map, masks, rasterize, render
 from .shapes import (
     BACKGROUNDS,
@@ -50,7 +50,6 @@ __all__ = [
     "SceneSpec",
     "ShapeObject",
     "ShapesConfig",
-    "ShapesDataset",
     "caption",
     "condition_image",
     "describe",
@@ -60,11 +59,9 @@ __all__ = [
     "masks",
     "parse_caption",
     "rasterize",
-    "read_folder",
     "relation_holds",
     "render",
     "sample_scene",
     "spec_holds",
     "to_tensor",
-    "write_folder",
 ]

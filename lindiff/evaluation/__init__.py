@@ -11,8 +11,8 @@ accuracy); the classifier's pooled features give a Fréchet distance to real ren
     objects = detect_objects(classifier, images)[0]          # images: (B, 3, H, W) in [-1, 1]
     prompt_correct(parse_caption(prompt), objects)
 
-``python -m lindiff.evaluation.training --out DIR`` trains a classifier (a few minutes on a CPU);
-``bench/quality.py`` scores a pipeline and its linear-attention student with it.
+``bench/quality.py`` scores a pipeline and its linear-attention student with it; the classifier's
+training is part of the tiny-shapes recipe (``recipes/tiny_shapes`` in a source checkout).
 """
 
 from .classifier import ClassifierOutput, ShapeClassifier
@@ -25,6 +25,7 @@ from .detection import (
     detect_objects,
 )
 from .metrics import (
+    EVAL_SEEDS,
     POSITION_SEPARATION,
     frechet_distance,
     mask_iou,
@@ -33,15 +34,12 @@ from .metrics import (
     prompt_scores,
     stripe_score,
 )
-from .training import EVAL_SEEDS, TRAIN_SEEDS, Augmentations, real_accuracy, train_classifier
 
 __all__ = [
     "DETECTION_SIZE",
     "EVAL_SEEDS",
     "MIN_AREA",
     "POSITION_SEPARATION",
-    "TRAIN_SEEDS",
-    "Augmentations",
     "ClassifierOutput",
     "DetectedObject",
     "ShapeClassifier",
@@ -53,7 +51,5 @@ __all__ = [
     "position_correct",
     "prompt_correct",
     "prompt_scores",
-    "real_accuracy",
     "stripe_score",
-    "train_classifier",
 ]

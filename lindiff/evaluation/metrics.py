@@ -21,6 +21,10 @@ from lindiff.data import SceneSpec, relation_holds, to_tensor
 
 from .detection import DetectedObject
 
+EVAL_SEEDS = 10_000_000
+"""Seed of the benchmark's first prompt, ``make_example(EVAL_SEEDS + i)``: the generator trains on
+seeds below 1_000_000 and the classifier from 30_000_000, so no prompt was seen in training."""
+
 POSITION_SEPARATION = 0.1
 """Default ``min_separation`` of :func:`position_correct`: half the captioner's 0.2, so a relation
 that was plain to see in the prompt's scene need not be exaggerated in the generated one."""

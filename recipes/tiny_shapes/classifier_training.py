@@ -1,11 +1,12 @@
-"""Training of the :class:`ShapeClassifier` on freshly rendered shape scenes, and its accuracy on real renders.
+"""Training of the benchmark's :class:`~lindiff.evaluation.ShapeClassifier` on freshly rendered
+shape scenes, and its accuracy on real renders.
 
 Every step renders ``batch_size`` new scenes (``make_example(TRAIN_SEEDS + i)``, disjoint from
 the generator's training seeds below 1_000_000 and the benchmark's from ``EVAL_SEEDS``), then
 corrupts them the way generated images differ from renders (see :class:`Augmentations`), so
 the classifier scores generated images by what they show rather than by how clean they are.
 
-    python -m lindiff.evaluation.training --out DIR          # train, save (fp16), report accuracy
+    python -m recipes.tiny_shapes.classifier_training --out DIR   # train, save (fp16), report accuracy
 """
 
 from __future__ import annotations
@@ -19,23 +20,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lindiff.data import SHAPE_COLOURS, SHAPES, Example, ShapesConfig, make_example, rasterize, to_tensor
+from lindiff.data import SHAPES, Example, ShapesConfig, make_example, rasterize, to_tensor
+from lindiff.evaluation import EVAL_SEEDS, ShapeClassifier, detect_objects, prompt_scores
+from lindiff.evaluation.classifier import crop_silhouettes
 
-from .classifier import ShapeClassifier, crop_silhouettes
-from .detection import detect_objects
-from .metrics import prompt_scores
+from .stripes import colour_classes, stripes
 
 TRAIN_SEEDS = 30_000_000
 """Seed of the classifier's first training example."""
-
-EVAL_SEEDS = 10_000_000
-"""Seed of the first held-out example (also the benchmark's first prompt)."""
 
 TRAIN_SIZE = 128
 """Side, in pixels, of the training renders (the native size of the shipped generator)."""
@@ -141,9 +138,8 @@ def ground_truth(
     for example in examples:
         image, labels = rasterize(example.scene, size)
         objects = example.scene.objects
-        colour_table = np.array([0] + [1 + SHAPE_COLOURS.index(obj.colour) for obj in objects])
         images.append(to_tensor(image))
-        colours.append(torch.from_numpy(colour_table[labels]))
+        colours.append(torch.from_numpy(colour_classes(example.scene)[labels]))
         masks.extend(torch.from_numpy(labels == index) for index in range(1, len(objects) + 1))
         shapes.extend(SHAPES.index(obj.shape) for obj in objects)
     return torch.stack(images), torch.stack(colours), torch.stack(masks), torch.tensor(shapes)
@@ -160,23 +156,17 @@ def _chosen(generator: torch.Generator, count: int, probability: float) -> torch
 def add_stripes(
     images: torch.Tensor, colours: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """Fill the objects of the ``chosen`` images ``(B,)`` with diagonal stripes (period 4-32 px at 128 px).
+    """Fill the objects of the ``chosen`` images ``(B,)`` with :func:`~.stripes.stripes` of a random
+    period (4-32 px at 128 px), phase and direction.
 
     ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``; ``colours`` ``(B, H, W)`` as from :func:`ground_truth`.
     """
-    batch, _, height, width = images.shape
-    scale = height / TRAIN_SIZE
-    period = _uniform(generator, batch, 4.0, 32.0).mul(scale).view(-1, 1, 1)
-    phase = torch.rand(batch, generator=generator).view(-1, 1, 1) * period
-    direction = torch.where(_chosen(generator, batch, 0.5), 1.0, -1.0).view(-1, 1, 1)
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
-    )
-    dark_band = torch.remainder(xs + direction * ys + phase, period) < 0.5 * period
-    on = dark_band & (colours > 0) & chosen.view(-1, 1, 1)
-    black = (colours == 1 + SHAPE_COLOURS.index("black"))[:, None]
-    mixed = torch.where(black, 0.5 * images + 0.5, 0.5 * images - 0.5)
-    return torch.where(on[:, None], mixed, images)
+    batch, _, height, _ = images.shape
+    period = _uniform(generator, batch, 4.0, 32.0).mul(height / TRAIN_SIZE)
+    phase = torch.rand(batch, generator=generator) * period
+    direction = torch.where(_chosen(generator, batch, 0.5), 1.0, -1.0)
+    striped = stripes(images, colours, period, phase, direction)
+    return torch.where(chosen.view(-1, 1, 1, 1), striped, images)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import CaptionConfig, ShapesConfig, make_example, rasterize
-from ..data.styles import stripes
+from lindiff.data import CaptionConfig, ShapesConfig, make_example, rasterize
+
+from .stripes import STRIPE_PERIOD, colour_classes, stripes
+
+MAX_LABELS = 4
+"""Labels of a label map: the background and up to three objects (``ShapesConfig.num_objects``)."""
 
 
 @dataclass
@@ -20,11 +24,14 @@ class Corpus:
         images: ``uint8 (N, S, S, 3)``.
         labels: ``uint8 (N, S, S)`` label maps (0 background, ``j + 1`` object ``j``).
         captions: one caption per image.
+        label_colours: ``int64 (N, MAX_LABELS)`` colour class of each label
+            (:func:`~.stripes.colour_classes`; 0 for labels a scene does not use).
     """
 
     images: np.ndarray
     labels: np.ndarray
     captions: list[str]
+    label_colours: np.ndarray
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -43,10 +50,24 @@ class Corpus:
         on = torch.from_numpy(self.labels[np.asarray(index)] > 0).float()
         return on[:, None].expand(-1, 3, -1, -1).contiguous()
 
-    def striped(self) -> Corpus:
-        """The same scenes with striped fills (:func:`lindiff.data.styles.stripes`)."""
-        images = np.stack([stripes(i, lab) for i, lab in zip(self.images, self.labels, strict=False)])
-        return Corpus(images, self.labels, self.captions)
+    def colours(self, index: np.ndarray) -> torch.Tensor:
+        """Colour classes of the pixels of images ``index``, ``int64 (B, S, S)``."""
+        index = np.asarray(index)
+        scenes = np.arange(len(index))[:, None, None]
+        return torch.from_numpy(self.label_colours[index][scenes, self.labels[index]])
+
+    def striped(self, chunk: int = 256) -> Corpus:
+        """The same scenes with striped objects (:func:`~.stripes.stripes`, period :data:`STRIPE_PERIOD`)."""
+        images = np.empty_like(self.images)
+        for start in range(0, len(self), chunk):
+            index = np.arange(start, min(start + chunk, len(self)))
+            pixels = torch.from_numpy(self.images[index]).permute(0, 3, 1, 2).float()
+            period = torch.full((len(index),), STRIPE_PERIOD * self.images.shape[1])
+            out = stripes(
+                pixels, self.colours(index), period, period / 2, torch.ones(len(index)), (0.0, 255.0)
+            )
+            images[index] = out.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return Corpus(images, self.labels, self.captions, self.label_colours)
 
 
 def render_corpus(
@@ -55,10 +76,13 @@ def render_corpus(
     """Render ``count`` examples (``make_example(seed + i)``) at ``size`` px."""
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     labels = np.empty((count, size, size), dtype=np.uint8)
+    label_colours = np.zeros((count, MAX_LABELS), dtype=np.int64)
     captions = []
     for i in tqdm(range(count), desc="render", leave=False, mininterval=2.0):
         example = make_example(seed + i, size, config, caption_config)
         image, label = rasterize(example.scene)
         images[i], labels[i] = np.asarray(image), label
+        classes = colour_classes(example.scene)
+        label_colours[i, : len(classes)] = classes
         captions.append(example.text)
-    return Corpus(images, labels, captions)
+    return Corpus(images, labels, captions, label_colours)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from ..data import VOCABULARY
+from lindiff.data import VOCABULARY
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|startoftext|>", "<|endoftext|>")
 MODEL_MAX_LENGTH = 24

@@ -1,7 +1,7 @@
 """Configurations of the tiny-shapes models: 128 px images, 16x16x4 latents.
 
-Sizes follow the CPU budget in DESIGN.md: a UNet of a few million parameters on 16x16 latents
-trains at about half a second per batch of 24 on two cores.
+Sizes follow the CPU budget in DESIGN.md: a UNet of a few million parameters on 16x16 latents,
+so that the whole build trains in about an hour on two cores.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..data import ShapesConfig
+from lindiff.data import ShapesConfig
 
 NATIVE_SIZE = 128
 LATENT_CHANNELS = 4
@@ -72,8 +72,7 @@ def unet() -> UNet2DConditionModel:
     Every attention head is :data:`HEAD_DIM` channels wide. UNet2DConditionModel reads
     ``attention_head_dim`` as the number of heads per block (a misnomer diffusers keeps for
     compatibility), so it gets ``channels // HEAD_DIM`` per block; a single 32 there would make
-    32 heads of one to four channels, whose rank-one attention maps cannot compare queries with
-    keys, and which run half as fast on a CPU.
+    32 heads of one to four channels, whose rank-one attention maps cannot compare queries with keys.
     """
     return UNet2DConditionModel(
         sample_size=NATIVE_SIZE // 8,

@@ -101,25 +101,12 @@ def train_text_to_image(
     """Train text encoder and UNet together on epsilon prediction with 10% empty captions.
 
     The learning rate stays at ``lr`` and falls linearly to zero over the last ``cooldown``
-    steps; the weights after the last step are returned. Measured on 48 prompts (guidance 5):
-    a constant 1e-3 for 5,400 steps of 24 drew the named shapes in 46% of them, and 1,200 more
-    steps of cool-down lifted that to 62%; a constant 4e-4 still drew blobs (15%), and a cosine
-    decay from the start stopped the learning of shapes early. Within 13,200 steps, cool-downs of
-    600 to 4,000 steps scored the same within noise on 800 prompts, and one of 6,000 lower.
-
-    ``snr_gamma`` weights the loss with :func:`min_snr_weights`. With gamma 5 the same 6,600
-    steps drew the named background in 34 of 50 prompts (19 without) but not more of the named
-    shapes (57% of 96 prompts against 58%), so the shipped build leaves it off.
-
+    steps (a constant high rate is where this model learns shapes); the weights after the last
+    step are returned. ``snr_gamma`` weights the loss with :func:`min_snr_weights`.
     ``draw_weights`` (``(N,)``) draws latent ``i`` in proportion to ``draw_weights[i]``
-    (uniformly without). The shipped build draws two-object scenes twice as often as
-    one-object ones: over 13,200 steps that lifted a 200-prompt diagnostic from 72% to 75.5%,
-    one-object prompts included (91 of 99 against 88).
-
-    ``optimizer`` is ``"adamw"`` or ``"muon"`` (:class:`~lindiff.assets.muon.MuonAdamW`: Muon on
-    the weight matrices and convolution kernels, AdamW on the rest, same ``lr``). Muon steps
-    take about 40% longer on a CPU but learn much faster: with the same batches, 9,000 Muon
-    steps scored 83.6% on 800 prompts against 77.75% for 13,200 AdamW steps, in less time.
+    (uniformly without). ``optimizer`` is ``"adamw"`` or ``"muon"`` (:class:`~.muon.MuonAdamW`:
+    Muon on the weight matrices and convolution kernels, AdamW on the rest, same ``lr``).
+    What each choice measured is in README.md.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")

@@ -15,7 +15,8 @@ from .loop import train
 
 KL_WEIGHT = 1e-6
 LATENT_NOISE = 0.5
-"""Largest std of the noise added to latents (relative to their std) before decoding in training."""
+"""Largest std of the noise added to latents (relative to their std) before decoding in training:
+it makes the encoder keep shape identity in coarse codes that a denoiser's error does not move."""
 
 
 def train_vae(
@@ -37,13 +38,10 @@ def train_vae(
     object pixels weighted ``object_weight`` times the background (objects cover a small part
     of each image, and their colours are what captions name), plus a small KL term.
     The decoder sees the latents with Gaussian noise of a random std up to ``latent_noise``
-    times the batch's latent std (:func:`_add_latent_noise`): a denoiser never lands exactly
-    on a training latent, and without the noise a circle and a star differed by latent
-    changes smaller than a denoiser's error. The noise makes the encoder keep shape identity
-    in coarse codes that survive that noise (l-DeTok's latent-denoising tokenizers; with it,
-    decoded shapes survive latent noise of std 0.4, without it a quarter did).
+    times the batch's latent std (:func:`_add_latent_noise`), as l-DeTok's latent-denoising
+    tokenizers do: a denoiser never lands exactly on a training latent.
     ``scaling_factor`` becomes ``1 / std`` of the latent means of 512 images, as Stable
-    Diffusion's VAE defines it. Adam at 3e-4: at 1e-3 the colours were not learnt in time.
+    Diffusion's VAE defines it.
     """
     torch.manual_seed(seed)
     vae = architectures.vae().to(device)
@@ -89,11 +87,8 @@ def finetune_decoder(
     The encoder, and so the latents the UNet learns, stay as they are; the decoder sees full
     size images at a larger batch than :func:`train_vae` could afford (as Stable Diffusion's
     ft-MSE decoder was made). Same loss as :func:`train_vae`, without the KL term, and by
-    default on clean latents: the latent noise is what makes the encoder keep shapes in coarse
-    codes, but a decoder trained under it learns to draw the average of what nearby latents
-    decode to, so it rounds small stars into pentagons and merges touching circles. On 400
-    held-out scenes a round trip kept 87% of the prompts after 300 steps at ``latent_noise``
-    0.5 and 95.8% after 900 steps on clean latents.
+    default on clean latents: a decoder trained under latent noise learns to draw the average
+    of what nearby latents decode to (rounded stars, merged circles).
     """
     torch.manual_seed(seed)
     vae = vae.to(device).train()

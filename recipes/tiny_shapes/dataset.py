@@ -1,55 +1,32 @@
-"""Seeded examples of the shapes world: a torch Dataset and an image-folder writer and reader.
+"""Training data of the shapes world: a torch Dataset and an image-folder writer and reader.
 
-Example ``i`` of a dataset or folder with base seed ``s`` is ``make_example(s + i)``: one numpy
-Generator seeded with ``s + i`` draws the scene, then the caption, so any example can be
-rebuilt from its seed alone.
+Item ``i`` of a dataset or folder with base seed ``s`` is :func:`lindiff.data.make_example`
+``(s + i)``, so any item can be rebuilt from its seed alone.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .captions import CaptionConfig, SceneSpec, describe, format_caption, parse_caption
-from .raster import rasterize, render
-from .shapes import Scene, ShapesConfig, check_choice, check_seed, check_size, sample_scene
+from lindiff.data import (
+    CaptionConfig,
+    Example,
+    Scene,
+    ShapesConfig,
+    make_example,
+    parse_caption,
+    rasterize,
+    render,
+    to_tensor,
+)
+from lindiff.data.shapes import check_choice, check_seed, check_size
 
 OUTPUTS: tuple[str, ...] = ("tensor", "pil")
-
-
-@dataclass(frozen=True)
-class Example:
-    """A scene with the spec its caption states and the caption text."""
-
-    scene: Scene
-    spec: SceneSpec
-    text: str
-
-
-def make_example(
-    seed: int,
-    size: int = 128,
-    config: ShapesConfig | None = None,
-    caption_config: CaptionConfig | None = None,
-) -> Example:
-    """The example of ``seed``: its scene (with ``scene.seed == seed``), spec and caption."""
-    seed = check_seed(seed)
-    rng = np.random.default_rng(seed)
-    scene = replace(sample_scene(rng, size, config), seed=seed)
-    spec = describe(scene, rng, caption_config)
-    return Example(scene, spec, format_caption(spec))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as ``float32 (3, H, W)`` in ``[-1, 1]``."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 class ShapesDataset(torch.utils.data.Dataset):

@@ -1,4 +1,6 @@
-"""Rebuild every shipped asset from a seed: ``python -m lindiff.assets.build --out DIR``.
+"""Rebuild every shipped asset from a seed: ``python -m recipes.tiny_shapes.build --out DIR``.
+
+Run from the repository root; ``--out lindiff/assets`` rebuilds the assets in place.
 
 Stages run in order; each one's result is kept under ``DIR/.build`` (or ``--work``), so an
 interrupted build (Ctrl-C, a crash) continues where it stopped when run again with the same
@@ -32,16 +34,18 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .. import linearize, save_weights
-from ..data import write_folder
-from ..version import __version__
+from lindiff import linearize, save_weights
+from lindiff.assets import WORLD_FILE
+from lindiff.version import __version__
+
 from . import architectures
 from .autoencoder import encode, finetune_decoder, round_trip, train_vae
 from .corpus import Corpus, render_corpus
+from .dataset import write_folder
 from .denoiser import token_ids, train_controlnet, train_lora, train_text_to_image
 from .tokenizer import write_tokenizer
 
-logger = logging.getLogger("lindiff.assets.build")
+logger = logging.getLogger("recipes.tiny_shapes.build")
 
 STAGES = ("vae", "latents", "decoder", "text-to-image", "classifier", "student", "controlnet", "lora")
 
@@ -131,6 +135,7 @@ class Build:
                 self.corpus.images[: self.plan.striped],
                 self.corpus.labels[: self.plan.striped],
                 self.corpus.captions[: self.plan.striped],
+                self.corpus.label_colours[: self.plan.striped],
             )
             self._striped = subset.striped()
         return self._striped
@@ -175,6 +180,7 @@ class Build:
             np.concatenate([self.corpus.images, self.striped.images]),
             np.concatenate([self.corpus.labels, self.striped.labels]),
             self.corpus.captions + self.striped.captions,
+            np.concatenate([self.corpus.label_colours, self.striped.label_colours]),
         )
         vae = train_vae(
             both,
@@ -232,7 +238,7 @@ class Build:
         _replace(self.out / "tiny-shapes", lambda tmp: _save_pipeline(pipe, tmp))
 
     def stage_classifier(self) -> None:
-        from ..evaluation.training import train_classifier
+        from .classifier_training import train_classifier
 
         vae = self.vae().to(self.device).eval()
         _replace(
@@ -247,16 +253,10 @@ class Build:
         )
 
     def stage_student(self) -> None:
-        """Distil the LinFusion student; the self-attention projections train with the new layers.
-
-        On 96 held-out prompts the 58% teacher's student scored 49% when only the new layers
-        trained for 1,000 steps, 52% after 3,000, and 55% with the projections for 1,000.
-        Every other step up-samples the latents 2x (``plan.student_scales``): through the
-        high-resolution chain (with a tiled VAE) the 65% teacher's student then got 30 and 16 of
-        100 prompts right at 2x and 4x, against 22 and 11 without (teacher 26 and 19), and 63 at
-        1x against 64.
-        """
-        from ..distill import DistillConfig, distill
+        """Distil the LinFusion student: the self-attention projections train with the new layers,
+        and every other step sees the latents up-sampled 2x (``plan.student_scales``), the token
+        grids of the high-resolution chain (see README.md)."""
+        from lindiff.distill import DistillConfig, distill
 
         images = write_folder(
             self.work / "student-data",
@@ -377,7 +377,7 @@ def _save_pipeline(pipe: StableDiffusionPipeline, folder: Path) -> None:
         config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     # Recent transformers save only tokenizer.json; older ones load CLIPTokenizer from these files.
     write_tokenizer(folder / "tokenizer")
-    (folder / "world.json").write_text(
+    (folder / WORLD_FILE).write_text(
         json.dumps(dataclasses.asdict(architectures.TRAINING_WORLD), indent=2) + "\n"
     )
 
@@ -394,7 +394,7 @@ def _replace(folder: Path, write: Callable[[Path], object]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m lindiff.assets.build", description=__doc__.split("\n\n")[0]
+        prog="python -m recipes.tiny_shapes.build", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the assets into")
     parser.add_argument("--work", type=Path, default=None, help="intermediate results (default: OUT/.build)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lindiff.assets.denoiser import train_text_to_image
-from lindiff.assets.muon import MuonAdamW, orthogonalize, uses_muon
+from recipes.tiny_shapes.denoiser import train_text_to_image
+from recipes.tiny_shapes.muon import MuonAdamW, orthogonalize, uses_muon
 
 
 class _Tiny(torch.nn.Module):

@@ -1,0 +1,1 @@
+"""How the models embedded in lindiff are rebuilt; not installed, run from a source checkout."""
