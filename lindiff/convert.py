@@ -13,7 +13,7 @@ from .adapters.base import ModelAdapter
 from .attention import GRID_ATTRIBUTE, AttentionMethod, create_method
 from .attention.base import ADDED_MODULE, AttentionModule
 from .denoisers import denoisers
-from .state import STATE_ATTRIBUTE, LinearizedState, base_linear, get_state
+from .state import FINGERPRINT_DTYPES, STATE_ATTRIBUTE, LinearizedState, base_linear, get_state
 from .weights import apply_checkpoint, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
         original_processors={layer.name: layer.module.processor for layer in layers},
         hook_id=-1,
     )
+    state.record_teacher()
     for layer in layers:
         method.convert_layer(layer)
         setattr(layer.module, GRID_ATTRIBUTE, grid)
@@ -99,8 +100,34 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
     return state
 
 
+def check_restorable(role: str, model: nn.Module) -> None:
+    """Raise unless `restore_model` can give ``model`` its teacher projections back exactly.
+
+    Raises:
+        ValueError: projections changed since `linearize` (outside lindiff, or cast to a dtype not
+            in :data:`lindiff.state.FINGERPRINT_DTYPES`) with no backup of the teacher's values.
+    """
+    state = get_state(model)
+    lost = [] if state is None else state.unrestorable_projections()
+    if not lost:
+        return
+    layers = [name for name in state.layers if any(key.startswith(name + ".") for key in lost)]
+    named = ", ".join(lost[:2]) + (f" and {len(lost) - 2} more" if len(lost) > 2 else "")
+    dtypes = ", ".join(str(dtype).removeprefix("torch.") for dtype in FINGERPRINT_DTYPES)
+    raise ValueError(
+        f"cannot restore {role} ({type(model).__name__}): the teacher's q/k/v/out projections of "
+        f"{len(layers)} converted layer(s) ({named}) were changed outside lindiff after linearize "
+        f"(or cast to a dtype other than {dtypes}), and lindiff holds no copy of them to give back. "
+        "Nothing was restored. To change projections yourself and restore afterwards, linearize "
+        "with keep_teacher=True (keeps a CPU copy of them); otherwise reload the original model."
+    )
+
+
 def restore_model(model: nn.Module) -> None:
-    """Undo `linearize_model`: original processors, projections and no added modules or hooks."""
+    """Undo `linearize_model`: original processors, projections and no added modules or hooks.
+
+    Call :func:`check_restorable` first: this puts back only the projections it has a backup of.
+    """
     state = get_state(model)
     if state is None:
         raise ValueError(f"{type(model).__name__} was not linearized by lindiff; nothing to restore")
@@ -125,7 +152,14 @@ def _restore_projections(attn: AttentionModule, name: str, backup: dict[str, tor
         getattr(base_linear(attn, projection), param_name).copy_(saved)
 
 
-def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None, **options: Any) -> Any:
+def linearize(
+    pipe_or_model: Any,
+    method: str = "linfusion",
+    weights: Any = None,
+    *,
+    keep_teacher: bool = False,
+    **options: Any,
+) -> Any:
     """Replace the self-attention of a pipeline's denoiser(s) with a linear or local method, in place.
 
     Args:
@@ -135,6 +169,10 @@ def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None
         weights: trained weights for the new layers: a folder or file written by
             :func:`lindiff.save_weights`, a released LinFusion checkpoint folder, or a hub id.
             ``None`` keeps the fresh initialisation (which reproduces the teacher's q/k).
+        keep_teacher: keep a CPU copy of the converted layers' q/k/v/out projections now, so
+            :func:`restore` gives the teacher back even after your own training changed them
+            (costs their size in CPU memory). Without it, `restore` refuses once they were
+            changed outside lindiff; :func:`lindiff.save_weights` saves changed ones either way.
         **options: method options (see the method's options dataclass, e.g.
             :class:`lindiff.attention.linfusion.LinFusionOptions`).
 
@@ -147,13 +185,17 @@ def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None
         checkpoint = read_checkpoint(weights)
         options = checkpoint.merged_options(method, options)
     method_instance = create_method(method, **options)
+    if not isinstance(keep_teacher, bool):
+        raise TypeError(f"keep_teacher must be True or False, got {keep_teacher!r}")
     already = [role for role, model in targets if get_state(model) is not None]
     if already:
         raise ValueError(f"already linearized: {', '.join(already)}; call lindiff.restore() first")
     for _, model in targets:
         check_family(method_instance, model)
     for _, model in targets:
-        linearize_model(model, method_instance)
+        state = linearize_model(model, method_instance)
+        if keep_teacher:
+            state.backup_projections()
     if checkpoint is not None:
         apply_checkpoint(targets, checkpoint)
     return pipe_or_model
@@ -162,11 +204,19 @@ def linearize(pipe_or_model: Any, method: str = "linfusion", weights: Any = None
 def restore(pipe_or_model: Any) -> Any:
     """Put back the original softmax attention of everything `linearize` converted; in place.
 
-    Outputs afterwards are bit-identical to those before `linearize`. Returns ``pipe_or_model``.
+    Outputs afterwards are bit-identical to those before `linearize`, also after lindiff loaded or
+    trained projections (it keeps the teacher's), and after your own changes to them if
+    ``linearize(..., keep_teacher=True)``. Returns ``pipe_or_model``.
+
+    Raises:
+        ValueError: the projections were changed outside lindiff with no copy of the teacher's
+            kept (see :func:`check_restorable`); checked for every component before any is restored.
     """
     targets = [(role, model) for role, model in denoisers(pipe_or_model) if get_state(model) is not None]
     if not targets:
         raise ValueError(f"{type(pipe_or_model).__name__} was not linearized by lindiff; nothing to restore")
+    for role, model in targets:
+        check_restorable(role, model)
     for _, model in targets:
         restore_model(model)
     return pipe_or_model

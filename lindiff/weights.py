@@ -1,4 +1,4 @@
-"""Saving and loading what `linearize` added (safetensors), and importing released LinFusion checkpoints.
+"""Saving and loading what `linearize` added (safetensors), and importing released LinFusion and CLEAR checkpoints.
 
 lindiff format: one ``lindiff.safetensors`` whose tensors are keyed ``{role}.{module path}.{param}``
 (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.lindiff.q_mlp.0.weight``) and whose
@@ -8,7 +8,10 @@ folder form adds the same config as ``lindiff.json`` for people to read.
 LinFusion format (as released): a folder with ``config.json`` holding ``modules_list`` (entries
 ``module_name``, ``dim_n``, ``heads``, ``projection_mid_dim``) and
 ``diffusion_pytorch_model.safetensors`` with keys ``{i}.to_q_.0.weight`` ... where ``i`` indexes
-``modules_list``.
+``modules_list``; layers may differ in ``projection_mid_dim`` (read as a per-layer ``mid_dim``).
+
+CLEAR format (as released, FLUX): one ``clear_local_{r}[_down_{f}].safetensors``; see
+:mod:`lindiff.clear_format`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .attention.base import ADDED_MODULE
+from .clear_format import is_clear_file, read_clear_file
 from .denoisers import denoisers
-from .state import LinearizedState, base_linear, get_state, projections_of
+from .model_card import write_model_card
+from .state import LinearizedState, base_linear, get_state
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,9 @@ class Checkpoint:
         components: role -> model family (``{"unet": "unet", "controlnet": "unet"}``).
         tensors: ``{role}.{module path}.{param}`` -> tensor.
         source: where they were read from, for messages.
+        missing_options: options the weights depend on but their source does not record (a
+            released CLEAR file not named ``clear_local_{r}...``), each with what to pass;
+            :meth:`merged_options` requires them from the caller.
     """
 
     method: str
@@ -56,19 +65,26 @@ class Checkpoint:
     components: dict[str, str]
     tensors: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
+    missing_options: dict[str, str] = field(default_factory=dict)
+
+    def option_conflicts(self, options: dict[str, Any]) -> str:
+        """``"name=given (weights have saved), ..."`` for the ``options`` that differ from the weights'; ``""`` if none."""
+        return ", ".join(
+            f"{k}={v!r} (weights have {self.options[k]!r})"
+            for k, v in options.items()
+            if k in self.options and self.options[k] != v
+        )
 
     def merged_options(self, method: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's options overridden by none of ``options``; conflicts raise."""
+        """The checkpoint's options overridden by none of ``options``; conflicts and missing options raise."""
         if method != self.method:
             raise ValueError(f"weights {self.source} are for method {self.method!r}, but method={method!r}")
-        conflicts = {
-            k: (v, self.options[k]) for k, v in options.items() if k in self.options and self.options[k] != v
-        }
+        conflicts = self.option_conflicts(options)
         if conflicts:
-            details = ", ".join(
-                f"{k}={given!r} (weights have {saved!r})" for k, (given, saved) in conflicts.items()
-            )
-            raise ValueError(f"options conflict with weights {self.source}: {details}")
+            raise ValueError(f"options conflict with weights {self.source}: {conflicts}")
+        missing = [f"{k} ({hint})" for k, hint in self.missing_options.items() if k not in options]
+        if missing:
+            raise ValueError(f"weights {self.source} do not record option(s) {'; '.join(missing)}")
         return {**self.options, **options}
 
 
@@ -83,30 +99,51 @@ def _config(method: str, options: dict[str, Any], components: dict[str, dict[str
     }
 
 
-def _added_tensors(state: LinearizedState) -> dict[str, torch.Tensor]:
+def _added_tensors(state: LinearizedState) -> tuple[dict[str, torch.Tensor], int]:
+    """What `linearize` added, and the projection parameters changed since, by ``{module path}.{param}``.
+
+    Every converted layer's ``lindiff`` submodule is saved whole. Of the q/k/v/out projections,
+    each parameter that differs from the teacher's (:meth:`LinearizedState.changed_projections`,
+    however it was changed: lindiff's distillation, a loaded checkpoint, your own training loop, a
+    merged LoRA) is saved, and only those: an unchanged one is reproduced bit-exactly by
+    `linearize` on the same base model, so saving it, or the rest of its layer, would only grow
+    the file (by the size of the teacher's attention).
+
+    Returns:
+        The tensors, and how many layers have projection parameters among them.
+    """
     tensors = {}
     for name, attn in state.layers.items():
         added = getattr(attn, ADDED_MODULE, None)
         if isinstance(added, nn.Module):
             for key, value in added.state_dict().items():
                 tensors[f"{name}.{ADDED_MODULE}.{key}"] = value
-        if state.projections_modified:
-            for projection in projections_of(attn):
-                for key, value in base_linear(attn, projection).state_dict().items():
-                    tensors[f"{name}.{projection}.{key}"] = value
-    return tensors
+    changed = set(state.changed_projections())
+    tensors.update({key: param for key, param in state.projection_parameters() if key in changed})
+    layers = [name for name in state.layers if any(key.startswith(name + ".") for key in changed)]
+    return tensors, len(layers)
 
 
-def save_weights(pipe_or_model: Any, path: str | os.PathLike) -> Path:
-    """Save only what `linearize` added or training changed, as safetensors plus a JSON config.
+def save_weights(
+    pipe_or_model: Any, path: str | os.PathLike, *, training: Mapping[str, Any] | None = None
+) -> Path:
+    """Save only what `linearize` added or training changed, as safetensors plus a JSON config and a
+    model card.
 
     Args:
         pipe_or_model: a linearized pipeline or denoiser.
-        path: output folder (created); ``lindiff.safetensors`` and ``lindiff.json`` are written in it.
+        path: output folder (created); ``lindiff.safetensors``, ``lindiff.json`` and ``README.md``
+            (the model card, see :mod:`lindiff.model_card`; replaced if there) are written in it.
+        training: a summary of how the weights were trained (steps, data, losses, config) for the
+            model card: a mapping of simple values, lists and mappings.
 
     Returns:
         The path of the safetensors file.
     """
+    if training is not None and not isinstance(training, Mapping):
+        raise TypeError(
+            f"training must be a dict (a training summary) or None, got {type(training).__name__}"
+        )
     targets = [(role, model, get_state(model)) for role, model in denoisers(pipe_or_model)]
     targets = [(role, model, state) for role, model, state in targets if state is not None]
     if not targets:
@@ -121,12 +158,14 @@ def save_weights(pipe_or_model: Any, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     components = {}
     for role, model, state in targets:
+        added, projection_layers = _added_tensors(state)
         components[role] = {
             "family": state.adapter.name,
             "class": type(model).__name__,
             "layers": len(state.layers),
+            "projection_layers": projection_layers,
         }
-        for key, value in _added_tensors(state).items():
+        for key, value in added.items():
             tensors[f"{role}.{key}"] = value.detach().contiguous().cpu()
     config = _config(state0.method.name, state0.method.options_dict(), components)
 
@@ -137,6 +176,7 @@ def save_weights(pipe_or_model: Any, path: str | os.PathLike) -> Path:
     save_file(tensors, str(tmp), metadata={"lindiff_config": json.dumps(config)})
     os.replace(tmp, weights_path)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    write_model_card(folder, config, pipe_or_model, training)
     return weights_path
 
 
@@ -145,7 +185,8 @@ def _read_lindiff_file(path: Path) -> Checkpoint:
         metadata = f.metadata() or {}
         if "lindiff_config" not in metadata:
             raise ValueError(
-                f"{path} is a safetensors file without a lindiff config; was it written by save_weights?"
+                f"{path} is a safetensors file without a lindiff config, and its keys are not a released "
+                "CLEAR checkpoint's; was it written by save_weights?"
             )
         config = json.loads(metadata["lindiff_config"])
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -158,14 +199,15 @@ def _read_lindiff_file(path: Path) -> Checkpoint:
     return Checkpoint(config["method"], config["options"], components, tensors, source=str(path))
 
 
-def _linfusion_mid_dim(modules_list: list[dict[str, Any]], source: Path) -> int | None:
-    mids = {entry.get("projection_mid_dim") for entry in modules_list}
-    if len(mids) != 1:
-        raise ValueError(
-            f"{source}: LinFusion checkpoints with different projection_mid_dim per layer are not supported"
-        )
-    mid = mids.pop()
-    return 0 if mid == -1 else mid
+def _linfusion_mid_dim(modules_list: list[dict[str, Any]]) -> int | dict[str, int | None] | None:
+    """LinFusion's ``projection_mid_dim`` as lindiff's ``mid_dim``: one width if every layer shares
+    it, else layer path -> width. ``-1`` (no MLP) becomes 0; ``None`` stays (the layer's width)."""
+    mids = {
+        entry["module_name"]: 0 if entry.get("projection_mid_dim") == -1 else entry.get("projection_mid_dim")
+        for entry in modules_list
+    }
+    widths = set(mids.values())
+    return widths.pop() if len(widths) == 1 else mids
 
 
 def _read_linfusion_folder(folder: Path) -> Checkpoint:
@@ -183,14 +225,27 @@ def _read_linfusion_folder(folder: Path) -> Checkpoint:
                 if rest.startswith(old):
                     rest = new + rest[len(old) :]
             tensors[f"unet.{module_name}.{rest}"] = f.get_tensor(key)
-    options = {"mid_dim": _linfusion_mid_dim(modules_list, folder)}
+    options = {"mid_dim": _linfusion_mid_dim(modules_list)}
     return Checkpoint("linfusion", options, {"unet": "unet"}, tensors, source=str(folder))
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def _is_hub_reference(source: str) -> bool:
+    """``owner/name`` (a repository) or ``owner/name/file.safetensors`` (one file in it)."""
+    parts = source.split("/")
+    if source.startswith((".", "/", "~")) or not all(parts):
+        return False
+    return len(parts) == 2 or (len(parts) > 2 and source.endswith(".safetensors"))
 
+
+def _download(reference: str) -> Path:
+    """The local path of a hub repository's weight files (``owner/name``) or of one file (``owner/name/file``)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    owner, name, *rest = reference.split("/")
+    repo_id, filename = f"{owner}/{name}", "/".join(rest)
     try:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename))
         return Path(
             snapshot_download(
                 repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, LINFUSION_CONFIG, LINFUSION_WEIGHTS]
@@ -198,29 +253,31 @@ def _download(repo_id: str) -> Path:
         )
     except Exception as error:  # the hub raises many types: offline, not found, gated, bad id
         raise ValueError(
-            f"weights={repo_id!r} is not a local file or folder, and loading it as a hub id failed: {error}"
+            f"weights={reference!r} is not a local file or folder, and loading it as a hub id failed: {error}"
         ) from error
 
 
 def read_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
-    """Read weights from a lindiff file/folder, a LinFusion folder, or a hub id of either."""
+    """Read weights from a lindiff file/folder, a LinFusion folder, a released CLEAR file, or the hub.
+
+    Hub references: ``owner/name`` (a repository holding lindiff or LinFusion weights) or
+    ``owner/name/file.safetensors`` (one lindiff or CLEAR file, e.g.
+    ``Huage001/CLEAR/clear_local_8_down_4.safetensors``).
+    """
     if isinstance(source, Checkpoint):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"weights must be a path or hub id string, got {type(source).__name__}")
     path = Path(source)
     if not path.exists():
-        if (
-            isinstance(source, os.PathLike)
-            or str(source).startswith((".", "/", "~"))
-            or str(source).count("/") != 1
-        ):
+        if isinstance(source, os.PathLike) or not _is_hub_reference(source):
             raise ValueError(
-                f"weights={str(source)!r}: no such file or folder (and not a hub id of the form 'owner/name')"
+                f"weights={str(source)!r}: no such file or folder (and not a hub reference "
+                "'owner/name' or 'owner/name/file.safetensors')"
             )
-        path = _download(str(source))
+        path = _download(source)
     if path.is_file():
-        return _read_lindiff_file(path)
+        return read_clear_file(path) if is_clear_file(path) else _read_lindiff_file(path)
     if (path / WEIGHTS_NAME).is_file():
         return _read_lindiff_file(path / WEIGHTS_NAME)
     if (path / LINFUSION_CONFIG).is_file() and (path / LINFUSION_WEIGHTS).is_file():
@@ -270,6 +327,9 @@ def apply_checkpoint(targets: list[tuple[str, nn.Module]], checkpoint: Checkpoin
                 f"{role}: model family {state.adapter.name!r}, weights are for {checkpoint.components[component]!r}"
             )
             continue
+        conflicts = checkpoint.option_conflicts(state.method.options_dict())
+        if conflicts:
+            problems.append(f"{role}: linearized with {conflicts}")
         plan, role_problems = _match_tensors(role, component, state, checkpoint)
         problems.extend(role_problems)
         plans.append((state, plan))
@@ -336,10 +396,10 @@ def load_weights(pipe_or_model: Any, source: str | os.PathLike) -> Any:
 
     Args:
         source: a lindiff folder or ``.safetensors`` file (from :func:`save_weights`), a released
-            LinFusion checkpoint folder, or a hub id holding either.
+            LinFusion checkpoint folder or CLEAR file, or a hub reference (see :func:`read_checkpoint`).
 
     Raises:
-        ValueError: listing every mismatch (method, family, missing/unexpected keys, shapes).
+        ValueError: listing every mismatch (method, options, family, missing/unexpected keys, shapes).
     """
     apply_checkpoint(denoisers(pipe_or_model), read_checkpoint(source))
     return pipe_or_model

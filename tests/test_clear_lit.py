@@ -38,9 +38,10 @@ def qkv(n: int, batch: int = 2, dtype=torch.float64) -> tuple[torch.Tensor, ...]
     return tuple(torch.randn(batch, n, HEADS, DIM, dtype=dtype) for _ in range(3))
 
 
-def grid_distances(grid: tuple[int, int, int]) -> torch.Tensor:
+def grid_squared_distances(grid: tuple[int, int, int]) -> torch.Tensor:
+    """``(N, N)`` integer squared distances between the grid's cells (row-major)."""
     coords = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij"), -1).reshape(-1, 3)
-    return (coords[:, None] - coords[None]).pow(2).sum(-1).double().sqrt()
+    return (coords[:, None] - coords[None]).pow(2).sum(-1)
 
 
 def masked_softmax(q, k, v, mask):
@@ -51,11 +52,12 @@ def masked_softmax(q, k, v, mask):
 
 
 def clear_reference(q, k, v, tokens, radius, pooled=None):
-    """CLEAR with an explicit mask: image queries see their window, the text and the pooled tokens
-    ``(k_p, v_p)``; text queries see every (unpooled) token."""
+    """CLEAR with an explicit mask: image queries see their strict window ``d < radius`` (a radius
+    that is a grid distance up to float rounding, like ``math.sqrt(2)``, counts as that distance),
+    the text and the pooled tokens ``(k_p, v_p)``; text queries see every (unpooled) token."""
     n, image = q.shape[1], tokens.image
     mask = torch.ones(n, n, dtype=torch.bool)
-    mask[image, image] = grid_distances(tokens.grid) <= radius
+    mask[image, image] = grid_squared_distances(tokens.grid) < round(radius * radius, 9)
     if pooled is not None:
         extra = torch.zeros(n, pooled[0].shape[1], dtype=torch.bool)
         extra[image] = True
@@ -77,8 +79,8 @@ def pool_reference(x, grid, kernel):
 
 
 @pytest.mark.parametrize("before, after", [(0, 0), (3, 0), (0, 5), (3, 4)])
-@pytest.mark.parametrize("radius", [math.hypot(4, 6), math.inf])
-def test_clear_radius_at_least_diagonal_is_full_softmax(before, after, radius):
+@pytest.mark.parametrize("radius", [math.hypot(4, 6) + 1e-3, math.inf])
+def test_clear_radius_beyond_diagonal_is_full_softmax(before, after, radius):
     tokens, n = make_tokens((1, 5, 7), before, after)
     q, k, v = qkv(n)
     out = ClearAttention(radius, None)(q, k, v, tokens)
@@ -87,9 +89,10 @@ def test_clear_radius_at_least_diagonal_is_full_softmax(before, after, radius):
 
 
 @pytest.mark.parametrize("grid", [(1, 6, 5), (2, 3, 4)])
-@pytest.mark.parametrize("radius", [0, 1, 2.5])
+@pytest.mark.parametrize("radius", [0.5, 1, math.sqrt(2), math.sqrt(5), 2.5, 3])
 @pytest.mark.parametrize("before, after", [(0, 0), (2, 3)])
 def test_clear_window_equals_masked_softmax(grid, radius, before, after):
+    """The window is strict (CLEAR's ``d < radius``), also at radii that are grid distances."""
     tokens, n = make_tokens(grid, before, after)
     q, k, v = qkv(n)
     out = ClearAttention(radius, None)(q, k, v, tokens)
@@ -100,16 +103,16 @@ def test_clear_window_equals_masked_softmax(grid, radius, before, after):
 def test_pooled_tokens_start_as_average_pooling(grid, factor):
     x = torch.randn(2, math.prod(grid), HEADS, DIM, dtype=torch.float64)
     mixer = ClearAttention(2, factor).double()
-    assert mixer.pool.shape == (2, factor, factor)
-    torch.testing.assert_close(mixer.pool, torch.full_like(mixer.pool, factor**-2))
-    pooled = pool_tokens(x, grid, mixer.pool[0])
+    assert mixer.spatial_weight.shape == (factor, factor)
+    torch.testing.assert_close(mixer.spatial_weight, torch.full_like(mixer.spatial_weight, factor**-2))
+    pooled = pool_tokens(x, grid, mixer.spatial_weight)
     cells = grid[0] * math.ceil(grid[1] / factor) * math.ceil(grid[2] / factor)
     assert pooled.shape == (2, cells, HEADS, DIM)
     if grid[1] % factor == 0 and grid[2] % factor == 0:
         planes = x.reshape(2, *grid[1:], -1).permute(0, 3, 1, 2)
         average = F.avg_pool2d(planes, factor).permute(0, 2, 3, 1).reshape(pooled.shape)
         torch.testing.assert_close(pooled, average)
-    torch.testing.assert_close(pooled, pool_reference(x, grid, mixer.pool[0]))
+    torch.testing.assert_close(pooled, pool_reference(x, grid, mixer.spatial_weight))
 
 
 @pytest.mark.parametrize("grid", [(1, 6, 8), (1, 5, 7)])
@@ -119,11 +122,9 @@ def test_clear_with_pooled_tokens_equals_dense_reference(grid, before, after):
     q, k, v = qkv(n)
     mixer = ClearAttention(1.5, 2).double()
     with torch.no_grad():
-        mixer.pool.normal_(0.25, 0.1)  # as if trained: keys and values pooled differently
+        mixer.spatial_weight.normal_(0.25, 0.1)  # as if trained: no longer the average
     image = tokens.image
-    pooled = tuple(
-        pool_reference(t[:, image], grid, kernel) for t, kernel in zip((k, v), mixer.pool, strict=True)
-    )
+    pooled = tuple(pool_reference(t[:, image], grid, mixer.spatial_weight) for t in (k, v))
     out = mixer(q, k, v, tokens)
     torch.testing.assert_close(out, clear_reference(q, k, v, tokens, 1.5, pooled), rtol=1e-10, atol=1e-12)
 
@@ -205,9 +206,7 @@ def test_resolution_changes_reuse_one_layer(method):
         tokens = Tokens(image=slice(2, 2 + image), source=source)
         q, k, v = qkv(image + 2)
         if method == "clear":
-            pooled = tuple(
-                pool_reference(t[:, tokens.image], grid, p) for t, p in zip((k, v), mixer.pool, strict=True)
-            )
+            pooled = tuple(pool_reference(t[:, tokens.image], grid, mixer.spatial_weight) for t in (k, v))
             ref = clear_reference(q, k, v, tokens, 2, pooled)
         else:
             ref = lit_reference(q, k, v, tokens, 2, mixer.dwc, 1e-4)
@@ -228,11 +227,18 @@ def test_half_precision_runs_close_to_float32(dtype):
 @pytest.mark.parametrize(
     "method, options, match",
     [
-        ("clear", {"radius": -1}, r"radius must be a number >= 0.*got -1"),
-        ("clear", {"radius": "16"}, r"radius must be a number >= 0.*got '16'"),
+        ("clear", {"radius": -1}, r"radius must be a number > 0.*got -1"),
+        ("clear", {"radius": 0}, r"radius must be a number > 0.*got 0"),
+        ("clear", {"radius": "16"}, r"radius must be a number > 0.*got '16'"),
         ("clear", {"down_factor": 0}, r"down_factor must be None or an integer >= 1.*got 0"),
         ("clear", {"down_factor": 2.5}, r"down_factor must be None or an integer >= 1.*got 2.5"),
-        ("clear", {"window": 3}, r"unknown option\(s\) \['window'\].*allowed: \['down_factor', 'radius'\]"),
+        ("clear", {"train_tokens": 1}, r"train_tokens must be None .* or an integer >= 2 .*got 1"),
+        ("clear", {"train_tokens": 4608.0}, r"train_tokens must be None .*got 4608.0"),
+        (
+            "clear",
+            {"window": 3},
+            r"unknown option\(s\) \['window'\].*allowed: \['down_factor', 'radius', 'train_tokens'\]",
+        ),
         ("lit", {"heads": 0}, r"heads must be an integer >= 1, got 0"),
         ("lit", {"kernel_size": 4}, r"kernel_size must be an odd integer >= 1 \(1, 3, 5, ...\), got 4"),
         ("lit", {"kernel_size": True}, r"kernel_size must be an odd integer"),
@@ -284,17 +290,21 @@ def outputs(model, inputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_clear_with_radius_at_least_the_diagonal_reproduces_the_model(name):
+def test_clear_with_radius_beyond_the_diagonal_reproduces_the_model(name):
     """The converted model's own plumbing (text placement, q/k norms, FLUX RoPE) is untouched:
-    with a window covering the grid, CLEAR is the original softmax attention."""
+    with a window covering the grid (strictly: beyond the diagonal), CLEAR is the original
+    softmax attention."""
     build, make_inputs, diagonal = MODELS[name]
     model = build()
     inputs = make_inputs(*LATENT, batch=2)
     reference = outputs(model, inputs)
 
-    lindiff.linearize(model, method="clear", radius=diagonal)
+    lindiff.linearize(model, method="clear", radius=diagonal + 1e-3)
     assert {type(attn.lindiff) for attn in get_state(model).layers.values()} == {ClearAttention}
     torch.testing.assert_close(outputs(model, inputs), reference, rtol=1e-5, atol=1e-5)
+    lindiff.restore(model)
+    lindiff.linearize(model, method="clear", radius=diagonal)
+    assert (outputs(model, inputs) - reference).abs().max() > 1e-6  # the strict window cuts the corners
     lindiff.restore(model)
     lindiff.linearize(model, method="clear", radius=1)
     assert (outputs(model, inputs) - reference).abs().max() > 1e-3  # the window does cut attention
@@ -320,15 +330,15 @@ def test_save_and_load_learned_pooling_kernels(tmp_path):
     model = lindiff.linearize(tiny.sd3_transformer(), method="clear", radius=2, down_factor=2)
     with torch.no_grad():
         for attn in get_state(model).layers.values():
-            attn.lindiff.pool.normal_(0.25, 0.1)
+            attn.lindiff.spatial_weight.normal_(0.25, 0.1)
     inputs = tiny.sd3_inputs(*LATENT)
     trained = outputs(model, inputs)
     lindiff.save_weights(model, tmp_path)
 
     fresh = lindiff.linearize(tiny.sd3_transformer(), method="clear", weights=tmp_path)
-    assert get_state(fresh).method.options_dict() == {"radius": 2, "down_factor": 2}
+    assert get_state(fresh).method.options_dict() == {"radius": 2, "down_factor": 2, "train_tokens": None}
     for name, attn in get_state(fresh).layers.items():
         torch.testing.assert_close(
-            attn.lindiff.pool, get_state(model).layers[name].lindiff.pool, rtol=0, atol=0
+            attn.lindiff.spatial_weight, get_state(model).layers[name].lindiff.spatial_weight, rtol=0, atol=0
         )
     assert torch.equal(outputs(fresh, inputs), trained)

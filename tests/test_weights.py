@@ -82,16 +82,21 @@ def test_bad_sources(tmp_path, monkeypatch):
         lindiff.load_weights(unet, "someone/linfusion-weights")
 
 
-def write_linfusion_checkpoint(folder, unet, seed=5):
-    """A checkpoint in the released LinFusion layout, with modules_list in shuffled order."""
+def write_linfusion_checkpoint(folder, unet, seed=5, mid_dims=None):
+    """A checkpoint in the released LinFusion layout, with modules_list in shuffled order.
+
+    ``mid_dims``: each layer's ``projection_mid_dim`` in that order (``None``: the layer's width,
+    ``-1``: no MLP); ``None`` everywhere by default.
+    """
     generator = torch.Generator().manual_seed(seed)
     names = [name for name, _ in unet.named_modules() if name.endswith("attn1")][::-1]
     modules_list, tensors = [], {}
     for i, name in enumerate(names):
         attn = unet.get_submodule(name)
         dim = attn.to_q.weight.shape[0]
+        mid_dim = None if mid_dims is None else mid_dims[i]
         modules_list.append(
-            {"module_name": name, "dim_n": dim, "heads": attn.heads, "projection_mid_dim": None}
+            {"module_name": name, "dim_n": dim, "heads": attn.heads, "projection_mid_dim": mid_dim}
         )
         shapes = {
             "to_q.weight": (dim, dim),
@@ -100,9 +105,10 @@ def write_linfusion_checkpoint(folder, unet, seed=5):
             "to_out.0.weight": (dim, dim),
             "to_out.0.bias": (dim,),
         }
-        for mlp in ("to_q_", "to_k_"):
-            shapes.update({f"{mlp}.0.weight": (dim, dim), f"{mlp}.0.bias": (dim,), f"{mlp}.1.weight": (dim,)})
-            shapes.update({f"{mlp}.1.bias": (dim,), f"{mlp}.3.weight": (dim, dim), f"{mlp}.3.bias": (dim,)})
+        mid = dim if mid_dim is None else mid_dim
+        for mlp in ("to_q_", "to_k_") if mid_dim != -1 else ():
+            shapes.update({f"{mlp}.0.weight": (mid, dim), f"{mlp}.0.bias": (mid,), f"{mlp}.1.weight": (mid,)})
+            shapes.update({f"{mlp}.1.bias": (mid,), f"{mlp}.3.weight": (dim, mid), f"{mlp}.3.bias": (dim,)})
         for key, shape in shapes.items():
             tensors[f"{i}.{key}"] = torch.randn(shape, generator=generator) * 0.1
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,3 +144,53 @@ def test_linfusion_checkpoint_import_and_exact_restore(tmp_path):
 
     lindiff.restore(pipe)
     assert torch.equal(tiny_models.run(pipe, image=image), original)
+
+
+def test_linfusion_checkpoint_with_a_width_per_layer(tmp_path):
+    """Released configs whose layers differ in projection_mid_dim (-1: no MLP, None: the layer's width)."""
+    mid_dims = [8, -1, None, 4, 8, 6, 12]
+    modules_list, tensors = write_linfusion_checkpoint(
+        tmp_path / "linfusion", tiny_models.unet(), mid_dims=mid_dims
+    )
+    widths = {
+        entry["module_name"]: 0 if mid == -1 else mid
+        for entry, mid in zip(modules_list, mid_dims, strict=True)
+    }
+
+    pipe = lindiff.linearize(tiny_models.sd_pipeline(), weights=tmp_path / "linfusion")
+    assert get_state(pipe.unet).method.options.mid_dim == widths
+
+    # The same layers built from the widths by hand, the weights copied in by hand.
+    expected = lindiff.linearize(tiny_models.sd_pipeline(), mid_dim=widths)
+    with torch.no_grad():
+        for i, entry in enumerate(modules_list):
+            attn = expected.unet.get_submodule(entry["module_name"])
+            assert (attn.lindiff.q_mlp is None) == (mid_dims[i] == -1)
+            for key, tensor in tensors.items():
+                index, rest = key.split(".", 1)
+                if int(index) == i:
+                    for old, new in (("to_q_.", "lindiff.q_mlp."), ("to_k_.", "lindiff.k_mlp.")):
+                        rest = rest.replace(old, new) if rest.startswith(old) else rest
+                    attn.get_parameter(rest).copy_(tensor)
+    output = tiny_models.run(pipe)
+    assert torch.isfinite(output).all()
+    assert torch.equal(output, tiny_models.run(expected))
+
+    # Per-layer widths save in lindiff's own format and come back.
+    lindiff.save_weights(pipe, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "lindiff.json").read_text())["options"]["mid_dim"] == widths
+    fresh = lindiff.linearize(tiny_models.sd_pipeline(), weights=tmp_path / "ours")
+    assert torch.equal(tiny_models.run(fresh), output)
+
+
+def test_per_layer_widths_must_name_every_layer():
+    with pytest.raises(
+        ValueError, match=r"mid_dim gives no width for layer 'down_blocks\.0\..*attn1'; it names 1 layers"
+    ):
+        lindiff.linearize(
+            tiny_models.unet(), mid_dim={"mid_block.attentions.0.transformer_blocks.0.attn1": 4}
+        )
+    with pytest.raises(
+        ValueError, match=r"mid_dim must be None, an integer >= 0, or a dict .*got \{'x': -2\}"
+    ):
+        lindiff.linearize(tiny_models.unet(), mid_dim={"x": -2})

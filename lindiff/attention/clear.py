@@ -1,24 +1,37 @@
 """CLEAR: softmax attention restricted to a circular window of the token grid, text tokens global.
 
-CLEAR (Liu et al., 2024) linearises FLUX by letting each image query attend only to the image
-keys within ``radius`` tokens of it on the latent grid (a disc, Euclidean distance), plus every
-text key. Text queries, which are few, keep full attention over all keys. Converted layers keep
-the teacher's projections, q/k norms and RoPE (the processor applies them before the mixer), so
-with a radius at least the grid's diagonal a converted model computes exactly the original
-softmax attention; smaller radii cost ``O(N r^2)`` instead of ``O(N^2)``.
+CLEAR (Liu et al., NeurIPS 2025) linearises FLUX by letting each image query attend only to the
+image keys strictly within ``radius`` tokens of it on the latent grid: query ``(y, x)`` sees key
+``(y', x')`` iff ``(y - y')^2 + (x - x')^2 < radius^2`` (CLEAR's "window size" is this radius).
+Image queries also see every text key; text queries, which are few, keep full attention over all
+text and image keys. Converted layers keep the teacher's projections, q/k norms and RoPE (the
+processor applies them before the mixer), so with a radius beyond the grid's diagonal (or
+``math.inf``) a converted model computes exactly the original softmax attention; smaller radii
+cost ``O(N r^2)`` instead of ``O(N^2)``.
 
-Option ``down_factor = f`` adds global context: the image keys and values, pooled over
-``f x f`` cells of the grid, join the text keys that every image query sees. Each layer learns
-its pooling kernel (one ``f x f`` kernel for keys and one for values, shared by all channels,
-initialised to the average ``1 / f^2``). Keys are pooled as the processor hands them over, i.e.
-after FLUX's RoPE: a pooled key carries the mix of its cell's rotations.
+Option ``down_factor = f`` adds global context for the image queries (not the text ones): the
+image keys and values summed over ``f x f`` cells of the grid with one learned weight
+``spatial_weight`` ``(f, f)``, shared by keys and values and by all channels and heads, and
+initialised to ``1 / f^2`` (the average). Keys are pooled as the processor hands them over, i.e.
+after FLUX's RoPE. CLEAR requires grid sides divisible by ``f``; lindiff also pools other grids by
+repeating the last row and column up to a multiple of ``f`` (its extension; on divisible grids
+the two agree).
+
+Softmax scale: ``1/sqrt(D)``, or with ``train_tokens = T`` CLEAR's length-aware scale for
+resolutions above the training one, ``sqrt(log_T(L) / D)``, where ``L`` is the number of text +
+image keys of the call, counted ten times in pooled variants (``down_factor``), as CLEAR's
+release does. CLEAR's value is ``T = 64 * 64 + 512 = 4608`` (FLUX at 1024 px: 64 x 64 image
+tokens and 512 text tokens) for all its variants.
 
 The window is computed by :func:`lindiff.kernels.local_attention`, which builds its masks from
 the grid of each call (no global mask), so any resolution works without re-initialisation.
+Released CLEAR checkpoints load with ``lindiff.linearize(pipe, "clear", weights=path)`` (see
+:mod:`lindiff.clear_format`).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -31,26 +44,42 @@ from lindiff.kernels import local_attention
 from ..grid import GridShape
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
+POOLED_KEY_FACTOR = 10
+"""CLEAR's pooled variants count ``L`` (the length-aware scale's key count) ten times."""
+
+# Squared grid distances are integers; a radius whose square lands a hair above one (sqrt(5) ** 2
+# is 5.000000000000001) must still exclude it from the strict window.
+_SQUARE_TOLERANCE = 1e-6
+
 
 @dataclass
 class ClearOptions:
     """Options of the ``"clear"`` method.
 
     Attributes:
-        radius: window radius in tokens (Euclidean, on the grid of image tokens); ``math.inf``
-            or any radius at least the grid's diagonal is full attention. CLEAR's default is 16.
+        radius: window radius in tokens, ``> 0``: an image query sees the image keys at Euclidean
+            grid distance strictly below it (a radius that is a grid distance up to float
+            rounding, like ``math.sqrt(2)``, counts as that distance). ``math.inf``, or any radius
+            beyond the grid's diagonal, is full attention. CLEAR's released FLUX windows are 8,
+            16 and 32.
         down_factor: ``None`` or 1 for no pooled tokens; an integer ``f >= 2`` adds the image
-            keys and values average-pooled over ``f x f`` cells (learned kernel) as global keys.
+            keys and values pooled over ``f x f`` cells (learned ``spatial_weight``) as global
+            keys of the image queries. CLEAR's released pooled variants use 4.
+        train_tokens: ``None`` for the softmax scale ``1/sqrt(D)``; an integer ``T >= 2``, the
+            key count at the training resolution, for CLEAR's length-aware scale
+            ``sqrt(log_T(L) / D)`` (``L``: text + image keys of the call, times 10 with
+            ``down_factor``). CLEAR uses 4608 (64 x 64 image + 512 text tokens, FLUX at 1024 px).
     """
 
     radius: float = 16
     down_factor: int | None = None
+    train_tokens: int | None = None
 
     def __post_init__(self) -> None:
         radius = self.radius
-        if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not radius >= 0:
+        if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not radius > 0:
             raise ValueError(
-                f"radius must be a number >= 0 (tokens; math.inf for full attention), got {radius!r}"
+                f"radius must be a number > 0 (tokens; math.inf for full attention), got {radius!r}"
             )
         factor = self.down_factor
         if factor is not None and (
@@ -59,6 +88,24 @@ class ClearOptions:
             raise ValueError(
                 f"down_factor must be None or an integer >= 1 (1: no pooled tokens), got {factor!r}"
             )
+        tokens = self.train_tokens
+        if tokens is not None and (
+            not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool) or tokens < 2
+        ):
+            raise ValueError(
+                f"train_tokens must be None (scale 1/sqrt(D)) or an integer >= 2 (CLEAR: 4608), got {tokens!r}"
+            )
+
+
+def closed_radius(radius: float) -> float:
+    """The radius whose closed window ``d <= r`` (:func:`local_attention`'s) is CLEAR's strict ``d < radius``.
+
+    Grid distances are square roots of integers, so ``d < radius`` iff ``d^2 <= ceil(radius^2) - 1``.
+    """
+    square = radius * radius
+    if not math.isfinite(square):
+        return math.inf
+    return math.sqrt(math.ceil(square - _SQUARE_TOLERANCE) - 1)
 
 
 def text_parts(x: torch.Tensor, image: slice) -> torch.Tensor:
@@ -66,8 +113,8 @@ def text_parts(x: torch.Tensor, image: slice) -> torch.Tensor:
     return torch.cat([x[:, : image.start], x[:, image.stop :]], dim=1)
 
 
-def pool_tokens(x: torch.Tensor, grid: GridShape, kernel: torch.Tensor) -> torch.Tensor:
-    """Pool image tokens ``(B, T*H*W, heads, D)`` over ``f x f`` cells of each frame with ``kernel`` ``(f, f)``.
+def pool_tokens(x: torch.Tensor, grid: GridShape, weight: torch.Tensor) -> torch.Tensor:
+    """Sum image tokens ``(B, T*H*W, heads, D)`` over ``f x f`` cells of each frame, weighted by ``weight`` ``(f, f)``.
 
     The grid is padded at its bottom and right edges by repeating the last row and column up to a
     multiple of ``f`` (a partial cell pools copies of its edge tokens, never zeros). Returns
@@ -75,7 +122,7 @@ def pool_tokens(x: torch.Tensor, grid: GridShape, kernel: torch.Tensor) -> torch
     """
     batch, _, heads, dim = x.shape
     frames, height, width = grid
-    factor = kernel.shape[-1]
+    factor = weight.shape[-1]
     rows, cols = -(-height // factor), -(-width // factor)
     x = x.reshape(batch, frames, height, width, heads * dim)
     if rows * factor != height:
@@ -83,65 +130,83 @@ def pool_tokens(x: torch.Tensor, grid: GridShape, kernel: torch.Tensor) -> torch
     if cols * factor != width:
         x = x.index_select(3, torch.arange(cols * factor, device=x.device).clamp_(max=width - 1))
     x = x.view(batch, frames, rows, factor, cols, factor, heads * dim)
-    pooled = torch.einsum("btiujvc,uv->btijc", x, kernel.to(x.dtype))
+    pooled = torch.einsum("btiujvc,uv->btijc", x, weight.to(x.dtype))
     return pooled.reshape(batch, frames * rows * cols, heads, dim)
 
 
 class ClearAttention(TokenMixer):
-    """What CLEAR adds to one layer: local window attention, and the pooling kernels if any.
+    """What CLEAR adds to one layer: local window attention, and the pooling weight if any.
 
     Args:
-        radius: window radius in tokens.
+        radius: window radius in tokens (strict: distances below it).
         down_factor: pooling factor ``f`` of the extra global tokens; ``None`` or 1 for none.
+        train_tokens: key count at the training resolution for the length-aware scale; ``None``
+            for ``1/sqrt(D)``.
     """
 
-    def __init__(self, radius: float, down_factor: int | None) -> None:
+    def __init__(self, radius: float, down_factor: int | None, train_tokens: int | None = None) -> None:
         super().__init__()
         self.radius = float(radius)
         self.down_factor = None if down_factor in (None, 1) else int(down_factor)
+        self.train_tokens = None if train_tokens is None else int(train_tokens)
         if self.down_factor is None:
-            self.register_parameter("pool", None)
+            self.register_parameter("spatial_weight", None)
         else:
-            # pool[0] pools the keys, pool[1] the values; the average to start with.
-            self.pool = nn.Parameter(
-                torch.full((2, self.down_factor, self.down_factor), self.down_factor**-2)
+            self.spatial_weight = nn.Parameter(
+                torch.full((self.down_factor, self.down_factor), self.down_factor**-2)
             )
+
+    def scale(self, num_keys: int, head_dim: int) -> float:
+        """The softmax scale for a call with ``num_keys`` text + image keys of width ``head_dim``."""
+        if self.train_tokens is None:
+            return head_dim**-0.5
+        if self.down_factor is not None:
+            num_keys *= POOLED_KEY_FACTOR
+        # One key gets all the weight whatever the scale; keep it positive for the kernel.
+        return math.sqrt(math.log(max(num_keys, 2)) / math.log(self.train_tokens) / head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """``q, k`` ``(B, N, H, D)``, ``v`` ``(B, N, H, D_v)`` with image tokens at ``tokens.image``; returns ``(B, N, H, D_v)``.
 
         Image queries: softmax over the image keys in the window, the text keys and the pooled
-        tokens. Text queries: softmax over all keys. Scale ``1/sqrt(D)``, as the teacher's.
+        tokens. Text queries: softmax over all text and image keys. Scale: :meth:`scale`.
         """
         image = tokens.image
         has_text = image.start > 0 or image.stop < q.shape[1]
         grid = tokens.grid
+        scale = self.scale(q.shape[1], q.shape[-1])
         k_image, v_image = k[:, image], v[:, image]
         global_k, global_v = [], []
         if has_text:
             global_k.append(text_parts(k, image))
             global_v.append(text_parts(v, image))
-        if self.pool is not None:
-            global_k.append(pool_tokens(k_image, grid, self.pool[0]))
-            global_v.append(pool_tokens(v_image, grid, self.pool[1]))
+        if self.spatial_weight is not None:
+            global_k.append(pool_tokens(k_image, grid, self.spatial_weight))
+            global_v.append(pool_tokens(v_image, grid, self.spatial_weight))
         global_kv = (torch.cat(global_k, dim=1), torch.cat(global_v, dim=1)) if global_k else None
         out = local_attention(
-            q[:, image], k_image, v_image, grid=grid, radius=self.radius, global_kv=global_kv
+            q[:, image],
+            k_image,
+            v_image,
+            grid=grid,
+            radius=closed_radius(self.radius),
+            global_kv=global_kv,
+            scale=scale,
         )
         if not has_text:
             return out
         text_out = F.scaled_dot_product_attention(
-            text_parts(q, image).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            text_parts(q, image).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
         ).transpose(1, 2)
         before = image.start
         return torch.cat([text_out[:, :before], out, text_out[:, before:]], dim=1)
 
     def extra_repr(self) -> str:
-        return f"radius={self.radius}, down_factor={self.down_factor}"
+        return f"radius={self.radius}, down_factor={self.down_factor}, train_tokens={self.train_tokens}"
 
 
 class Clear(AttentionMethod):
-    """The ``"clear"`` method (Liu et al., 2024): circular local attention, text global.
+    """The ``"clear"`` method (Liu et al., NeurIPS 2025): circular local attention, text global.
 
     Converts self, joint (SD3, FLUX double blocks) and single-stream (FLUX) layers; adds no
     parameters unless ``down_factor`` is set.
@@ -153,5 +218,6 @@ class Clear(AttentionMethod):
 
     def convert_layer(self, layer: LayerInfo) -> None:
         like = self.parameter_like(layer.module)
-        mixer = ClearAttention(self.options.radius, self.options.down_factor)
+        options = self.options
+        mixer = ClearAttention(options.radius, options.down_factor, options.train_tokens)
         setattr(layer.module, ADDED_MODULE, mixer.to(device=like.device, dtype=like.dtype))

@@ -12,6 +12,7 @@ which costs O(N) and whose output scale does not depend on the number of tokens.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,18 +30,34 @@ class LinFusionOptions:
 
     Attributes:
         mid_dim: width of the hidden layer of the q/k MLPs; ``None`` means the layer's own
-            width (as in the released LinFusion checkpoints), ``0`` means no MLP.
+            width (as in most released LinFusion checkpoints), ``0`` means no MLP. A dict
+            ``{layer path: width}`` (widths as above) gives each layer its own, e.g.
+            ``{"down_blocks.0.attentions.0.transformer_blocks.0.attn1": 160, ...}`` (released
+            LinFusion configs whose ``projection_mid_dim`` differs between layers); it must
+            name every converted layer (a ControlNet's layers share the UNet's paths).
         eps: added to the attention denominator.
     """
 
-    mid_dim: int | None = None
+    mid_dim: int | dict[str, int | None] | None = None
     eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        if self.mid_dim is not None and (not isinstance(self.mid_dim, int) or self.mid_dim < 0):
-            raise ValueError(f"mid_dim must be None or an integer >= 0, got {self.mid_dim!r}")
+        widths = self.mid_dim.values() if isinstance(self.mid_dim, dict) else [self.mid_dim]
+        if isinstance(self.mid_dim, dict) and not all(isinstance(k, str) for k in self.mid_dim):
+            raise ValueError(f"mid_dim as a dict must map layer paths (str) to widths, got {self.mid_dim!r}")
+        if not all(_is_width(width) for width in widths):
+            raise ValueError(
+                "mid_dim must be None, an integer >= 0, or a dict {layer path: None or integer >= 0}, "
+                f"got {self.mid_dim!r}"
+            )
         if not isinstance(self.eps, (int, float)) or self.eps < 0:
             raise ValueError(f"eps must be a non-negative number, got {self.eps!r}")
+
+
+def _is_width(width: object) -> bool:
+    return width is None or (
+        isinstance(width, numbers.Integral) and not isinstance(width, bool) and width >= 0
+    )
 
 
 def residual_mlp(dim: int, mid_dim: int) -> nn.Sequential:
@@ -105,6 +122,14 @@ class LinFusion(AttentionMethod):
         attn = layer.module
         like = self.parameter_like(attn)
         dim = like.shape[1]
-        mid_dim = dim if self.options.mid_dim is None else self.options.mid_dim
+        mid_dim = self.options.mid_dim
+        if isinstance(mid_dim, dict):
+            if layer.name not in mid_dim:
+                raise ValueError(
+                    f"mid_dim gives no width for layer {layer.name!r}; it names {len(mid_dim)} layers: "
+                    f"{sorted(mid_dim)[:4]}{' ...' if len(mid_dim) > 4 else ''}"
+                )
+            mid_dim = mid_dim[layer.name]
+        mid_dim = dim if mid_dim is None else int(mid_dim)
         modules = LinFusionModules(dim, mid_dim, float(self.options.eps))
         setattr(attn, ADDED_MODULE, modules.to(device=like.device, dtype=like.dtype))
