@@ -190,13 +190,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill
+    from .distill.components import SetupError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lindiff").setLevel(logging.INFO)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
     if "method_options" in options:
         options["method_options"] = dict(options["method_options"])
-    result = distill(DistillConfig(**options))
+    try:
+        config = DistillConfig(**options)
+    except (ValueError, TypeError) as error:  # the options, checked before anything loads
+        return _user_error("distill", error)
+    try:
+        result = distill(config)
+    except SetupError as error:  # the options do not fit the pipeline or the output folder
+        return _user_error("distill", error)
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint saved in {result.output_dir}; rerun with --resume")
         return 130

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -66,3 +67,57 @@ def test_commands_hide_only_the_torchvision_notes_of_transformers():
     assert not passes(noisy, note)
     assert passes(noisy, "some other transformers warning")
     assert passes(logging.getLogger("lindiff.pipelines"), note)
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "message"),
+    [
+        ("{tmp}", [], r"give exactly one data source: prompts .* or image_folder"),
+        (
+            "{tmp}",
+            ["--prompts", "{tmp}/missing.txt"],
+            r"prompts='.*missing.txt': no such file \(expected one prompt per line\)",
+        ),
+        (
+            "{tmp}",
+            ["--prompts", "{tmp}/prompts.txt", "--method", "nope"],
+            r"unknown method 'nope'; available: ",
+        ),
+        ("{tmp}/missing", ["--prompts", "{tmp}/prompts.txt"], r"model='.*missing': no such folder"),
+    ],
+    ids=["no-data-source", "missing-prompts-file", "unknown-method", "missing-model-folder"],
+)
+def test_distill_user_errors_are_one_line_and_exit_2(tmp_path, capsys, model, args, message):
+    """Like render's: the options are checked before the model loads (any existing folder will do)."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    argv = ["distill", model, "--output-dir", "{tmp}/run", *args]
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lindiff distill: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "message"),
+    [
+        ("{tmp}", [], r"model='.*' is a folder without model_index.json"),
+        ("{shapes}", ["--resolution", "100"], r"resolution=100 is not a multiple of 8 px"),
+        (
+            "{shapes}",
+            ["--component", "controlnet"],
+            r"component='controlnet' is not a denoiser of .*auto, unet",
+        ),
+        ("{shapes}", ["--method", "sana"], r"method 'sana' supports only the model families"),
+    ],
+    ids=["not-a-pipeline", "resolution", "component", "method-for-another-family"],
+)
+def test_distill_setup_errors_are_one_line_and_exit_2(tmp_path, capsys, model, args, message):
+    """Mistakes found once the pipeline is loaded, before any sample is generated."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    shapes = str(lindiff.assets.path("tiny-shapes"))
+    argv = ["distill", model, "--output-dir", "{tmp}/run", "--prompts", "{tmp}/prompts.txt", *args]
+    assert main([arg.format(tmp=tmp_path, shapes=shapes) for arg in argv]) == 2
+    err = capsys.readouterr().err  # diffusers' loading progress bars come first
+    last = err.splitlines()[-1]
+    assert last.startswith("lindiff distill: error: ") and re.search(message, last), err
+    assert "Traceback" not in err and not (tmp_path / "run" / "cache").exists()

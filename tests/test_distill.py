@@ -1,6 +1,7 @@
 """lindiff.distill on tiny models: training, export, kill-and-resume, two processes, data, CLI, errors."""
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import tiny_dit_models
 import tiny_models
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from accelerate_state import fresh_accelerate  # noqa: F401 (autouse fixture)
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -30,20 +31,6 @@ from lindiff.distill.sources import encode_images, load_image
 from lindiff.distill.student import trainable_state
 
 PROMPTS = ["a red circle", "a blue square", "a green tree", "a yellow cat"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state_on_one_thread():
-    """Each run builds its own Accelerator (accelerate keeps process-wide singletons). Tiny models
-    run fastest, and steadily on a busy machine, on one thread (no OpenMP wake-ups)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 def make_config(tmp_path, **overrides) -> DistillConfig:
@@ -231,6 +218,7 @@ def test_generated_cache_is_built_once_and_reused(tmp_path, monkeypatch):
     calls = []
     original = StableDiffusionPipeline.__call__
 
+    @functools.wraps(original)  # the trainer reads the pipeline's defaults from its signature
     def counting(self, *args, **kwargs):
         calls.append(kwargs.get("prompt"))
         return original(self, *args, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar
 
@@ -15,6 +16,8 @@ from .processors import SelfAttnProcessor
 
 Batch = dict[str, torch.Tensor]
 """Text conditioning of a batch for one denoiser call: name -> ``(B, ...)`` tensor."""
+CONTROL = "control"
+"""Batch key of a ControlNet's control image ``(B, 3, H_px, W_px)`` in [0, 1] (ControlNet distillation)."""
 MicroConditions = list[tuple[int, int, int, int, int, int]]
 """Per sample ``(orig_h, orig_w, crop_top, crop_left, h, w)`` in pixels (SDXL's ``add_time_ids``,
 PixArt's resolution and aspect ratio)."""
@@ -112,11 +115,31 @@ class ModelAdapter:
         """Whether :func:`lindiff.distill.distill` knows how to condition this family."""
         return cls.encode_prompts is not ModelAdapter.encode_prompts
 
+    @classmethod
+    def controlnet_distillable(cls) -> bool:
+        """Whether :func:`lindiff.distill.distill` can train this family's ControlNets."""
+        return cls.predict_controlled is not ModelAdapter.predict_controlled
+
+    def generation_options(self, pipe: Any) -> dict[str, Any]:
+        """Extra arguments of the ``pipe(...)`` call that samples training latents, so they come out
+        at exactly the requested size: resolution binning (PixArt, SANA) off."""
+        return {"use_resolution_binning": False} if accepts(pipe, "use_resolution_binning") else {}
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """What ``pipe(output_type="latent")`` returns -> latents ``(B, C, height, width)`` (the inverse
+        of :meth:`pack_latents`; unchanged by default)."""
+        return latents
+
     def encode_prompts(
         self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
     ) -> Batch:
         """The conditioning of ``prompts`` for ``denoiser``, without classifier-free guidance."""
         raise NotImplementedError(f"distillation does not support the {self.name!r} family yet")
+
+    def guidance_conditions(self, denoiser: nn.Module, guidance_scale: float, batch_size: int) -> Batch:
+        """Conditions that carry the guidance scale into the denoiser (FLUX's guidance embedding);
+        none by default (classifier-free guidance happens outside the denoiser)."""
+        return {}
 
     def predict(
         self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
@@ -124,9 +147,31 @@ class ModelAdapter:
         """``denoiser``'s prediction ``(B, C', H, W)`` for latents ``(B, C, H, W)`` at ``timesteps`` ``(B,)``."""
         raise NotImplementedError(f"distillation does not support the {self.name!r} family yet")
 
+    def predict_controlled(
+        self,
+        controlnet: nn.Module,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: Batch,
+    ) -> torch.Tensor:
+        """Like :meth:`predict`, with ``controlnet``'s residuals for the control image
+        ``batch[CONTROL]`` ``(B, 3, H_px, W_px)`` in [0, 1] added to ``denoiser``."""
+        raise NotImplementedError(f"distillation does not support {self.name!r} ControlNets yet")
+
     def scale_conditions(self, batch: Batch, scale: int) -> Batch:
         """``batch`` for latents up-sampled ``scale`` times (pixel-size conditions scaled; none by default)."""
         return batch
+
+
+def accepts(pipe: Any, argument: str) -> bool:
+    """Whether ``pipe.__call__`` takes ``argument``."""
+    return argument in inspect.signature(pipe.__call__).parameters
+
+
+def call_default(pipe: Any, argument: str) -> Any:
+    """The default of ``pipe.__call__``'s ``argument`` (how the pipeline encodes prompts when sampling)."""
+    return inspect.signature(pipe.__call__).parameters[argument].default
 
 
 def attn1_layers(model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
-from .base import ModelAdapter, tensor_argument
+from .base import Batch, MicroConditions, ModelAdapter, call_default, tensor_argument
 from .processors import mixer_of, reject_attention_mask
 
 
@@ -92,6 +92,11 @@ class FluxAdapter(ModelAdapter):
     the grid is read from ``img_ids`` ``(N, 3)`` (or the deprecated ``(B, N, 3)``): rows are
     ``ids[..., 1]``, columns ``ids[..., 2]``, frames ``ids[..., 0]``; a bare transformer call works
     like a pipeline's.
+
+    Distillation keeps latents unpacked ``(B, 16, H, W)`` (so they can be up-sampled) and packs
+    them per call, with the ``img_ids``/``txt_ids`` ``FluxPipeline`` builds, timesteps in
+    ``[0, 1]`` and, for guidance-distilled models (``config.guidance_embeds``), the guidance
+    scale the training latents were sampled with.
     """
 
     name = "flux"
@@ -142,6 +147,54 @@ class FluxAdapter(ModelAdapter):
         p = self.packing
         tokens = latents.view(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
         return tokens.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(B, H/2 * W/2, 4C)`` tokens -> ``(B, C, H, W)`` (the inverse of :meth:`pack_latents`)."""
+        if latents.ndim == 4:
+            return latents
+        batch, _, packed = latents.shape
+        p = self.packing
+        tokens = latents.view(batch, height // p, width // p, packed // (p * p), p, p)
+        return tokens.permute(0, 3, 1, 4, 2, 5).reshape(batch, packed // (p * p), height, width)
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=device,
+            max_sequence_length=call_default(pipe, "max_sequence_length"),
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def guidance_conditions(self, denoiser: nn.Module, guidance_scale: float, batch_size: int) -> Batch:
+        if not denoiser.config.get("guidance_embeds"):
+            return {}
+        return {"guidance": torch.full((batch_size,), float(guidance_scale))}
+
+    def _call_inputs(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch) -> dict[str, Any]:
+        """The keyword arguments FLUX transformers and ControlNets share, for latents ``(B, C, H, W)``."""
+        height, width = noisy.shape[-2] // self.packing, noisy.shape[-1] // self.packing
+        img_ids = torch.zeros(height, width, 3, device=noisy.device, dtype=noisy.dtype)
+        img_ids[..., 1] = torch.arange(height, device=noisy.device)[:, None]
+        img_ids[..., 2] = torch.arange(width, device=noisy.device)[None, :]
+        text = batch["prompt_embeds"]
+        return {
+            "hidden_states": self.pack_latents(noisy),
+            "timestep": timesteps.to(noisy.dtype) / 1000,
+            "guidance": batch.get("guidance"),
+            "pooled_projections": batch["pooled_prompt_embeds"],
+            "encoder_hidden_states": text,
+            "txt_ids": torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            "img_ids": img_ids.reshape(height * width, 3),
+        }
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        tokens = denoiser(**self._call_inputs(noisy, timesteps, batch), return_dict=False)[0]
+        return self.unpack_latents(tokens, noisy.shape[-2], noisy.shape[-1])
 
 
 def grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int, int]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from diffusers import SanaControlNetModel, SanaTransformer2DModel
 from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import LatentGridAdapter, attn1_layers
+from .base import Batch, LatentGridAdapter, MicroConditions, attn1_layers, call_default
 from .processors import SelfAttnProcessor
 
 
@@ -23,7 +26,10 @@ class SanaAdapter(LatentGridAdapter):
     ``attn1`` (ReLU linear attention already); the cross-attention ``attn2`` stays softmax.
 
     The grid is the latent ``hidden_states`` ``(B, C, H, W)`` over ``config.patch_size``. SANA's
-    pipelines accept only multiples of 32 px.
+    pipelines accept only multiples of 32 px. Distillation encodes prompts as ``SanaPipeline``
+    does by default when it samples (Gemma with its complex human instruction, padded to
+    ``max_sequence_length`` tokens with an attention mask) and scales timesteps by
+    ``config.timestep_scale`` as the pipeline does.
     """
 
     name = "sana"
@@ -36,3 +42,26 @@ class SanaAdapter(LatentGridAdapter):
 
     def processor(self, layer: LayerInfo) -> SanaSelfAttnProcessor:
         return SanaSelfAttnProcessor()
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            device=device,
+            max_sequence_length=call_default(pipe, "max_sequence_length"),
+            complex_human_instruction=call_default(pipe, "complex_human_instruction"),
+        )
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        return denoiser(
+            noisy,
+            encoder_hidden_states=batch["prompt_embeds"],
+            encoder_attention_mask=batch["prompt_attention_mask"],
+            timestep=timesteps * denoiser.config.timestep_scale,
+            return_dict=False,
+        )[0]

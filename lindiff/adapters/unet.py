@@ -10,7 +10,15 @@ from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import Batch, MicroConditions, ModelAdapter, attn1_layers, micro_tensor, tensor_argument
+from .base import (
+    CONTROL,
+    Batch,
+    MicroConditions,
+    ModelAdapter,
+    attn1_layers,
+    micro_tensor,
+    tensor_argument,
+)
 
 
 class UNetAdapter(ModelAdapter):
@@ -20,7 +28,8 @@ class UNetAdapter(ModelAdapter):
     it is read from ``sample``, the denoiser's first argument. Any latent size works (the UNet
     up-samples to the skip connections' sizes), so images need only be multiples of 8 px.
     Distillation feeds SDXL UNets (``addition_embed_type="text_time"``) the pooled text embedding
-    and the size/crop ids as well.
+    and the size/crop ids as well; a ControlNet being distilled gets the same inputs plus the
+    control image, and its residuals go into the frozen UNet, whose prediction is compared.
     """
 
     name = "unet"
@@ -48,20 +57,55 @@ class UNetAdapter(ModelAdapter):
         return batch
 
     def predict(
-        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+        self,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: Batch,
+        **residuals: Any,
     ) -> torch.Tensor:
-        added = None
-        if "add_time_ids" in batch:
-            added = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["add_time_ids"]}
         return denoiser(
             noisy,
             timesteps,
             encoder_hidden_states=batch["prompt_embeds"],
-            added_cond_kwargs=added,
+            added_cond_kwargs=_added_conditions(batch),
             return_dict=False,
+            **residuals,
         )[0]
+
+    def predict_controlled(
+        self,
+        controlnet: nn.Module,
+        denoiser: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        batch: Batch,
+    ) -> torch.Tensor:
+        down, mid = controlnet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=batch["prompt_embeds"],
+            controlnet_cond=batch[CONTROL],
+            added_cond_kwargs=_added_conditions(batch),
+            return_dict=False,
+        )
+        return self.predict(
+            denoiser,
+            noisy,
+            timesteps,
+            batch,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        )
 
     def scale_conditions(self, batch: Batch, scale: int) -> Batch:
         if scale == 1 or "add_time_ids" not in batch:
             return batch
         return {**batch, "add_time_ids": batch["add_time_ids"] * scale}
+
+
+def _added_conditions(batch: Batch) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` (pooled text embedding and size/crop ids), if the batch has them."""
+    if "add_time_ids" not in batch:
+        return None
+    return {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["add_time_ids"]}

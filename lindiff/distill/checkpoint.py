@@ -30,7 +30,7 @@ PROGRESS_NAME = "progress.json"
 TRAINABLE_NAME = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Options that shape the trainable parameters: a checkpoint resumes only under the same ones.
-STATE_OPTIONS = ("method", "method_options", "trainable", "lora_rank", "lora_alpha")
+STATE_OPTIONS = ("method", "method_options", "component", "trainable", "lora_rank", "lora_alpha")
 # Options that set data order and noise: resuming under others works but does not reproduce.
 ORDER_OPTIONS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes")
 

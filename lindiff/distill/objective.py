@@ -3,7 +3,8 @@
 DDPM-family schedulers (epsilon, v_prediction, sample) noise with a ``DDPMScheduler`` built
 from the pipeline scheduler's config (as the diffusers training scripts do), so inference-time
 schedulers such as Euler that keep per-call state do not matter. Flow-matching schedulers
-(``FlowMatch*``) interpolate ``x_t = (1 - s) x_0 + s noise`` and regress ``noise - x_0``.
+(``FlowMatch*``, and others configured with ``prediction_type="flow_prediction"`` such as SANA's
+DPM-Solver) interpolate ``x_t = (1 - s) x_0 + s noise`` and regress ``noise - x_0``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION = "flow_prediction"
 
 
 @dataclass
@@ -44,7 +46,10 @@ class DiffusionObjective:
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.flow = type(scheduler).__name__.startswith("FlowMatch")
+        self.flow = (
+            type(scheduler).__name__.startswith("FlowMatch")
+            or scheduler.config.get("prediction_type") == FLOW_PREDICTION
+        )
         self.noise_scheduler = None
         if self.flow:
             self.prediction_type = "flow"

@@ -5,7 +5,9 @@
 - ``"new"``: only what ``linearize`` added (each converted layer's ``lindiff`` submodule);
 - ``"attention"``: plus ``to_q/to_k/to_v/to_out.0`` of the converted self-attention layers;
 - ``"lora"``: plus PEFT LoRA adapters on those projections (LoLCATs-style low-rank recovery),
-  merged into the projections when exported.
+  merged into the projections when exported;
+- ``"lora_only"``: only those LoRA adapters (the recovery phase of a two-phase run, see
+  :mod:`lindiff.distill.phases`).
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ def _is_trainable(name: str, layers: list[str], trainable: str) -> bool:
         return False
     rest = name[len(layer) + 1 :]
     if rest.startswith(ADDED_MODULE + "."):
-        return True
+        return trainable != "lora_only"
     if trainable == "attention":
         return any(rest.startswith(projection + ".") for projection in PROJECTIONS)
-    return trainable == "lora" and ".lora_" in "." + rest
+    return trainable in ("lora", "lora_only") and ".lora_" in "." + rest
 
 
 def select_trainable(
     student: nn.Module, trainable: str, lora_rank: int = 16, lora_alpha: float | None = None
 ) -> list[str]:
-    """Freeze ``student`` except the ``trainable`` set (adding LoRA adapters for ``"lora"``).
+    """Freeze ``student`` except the ``trainable`` set (adding LoRA adapters for ``"lora"`` and
+    ``"lora_only"``).
 
     Returns:
         The names of the trainable parameters.
@@ -57,9 +60,9 @@ def select_trainable(
     state = get_state(student)
     if state is None:
         raise ValueError(f"{type(student).__name__} is not linearized")
-    if trainable in ("attention", "lora"):
+    if trainable in ("attention", "lora", "lora_only"):
         state.backup_projections()  # so save_weights exports them and restore() gives the teacher back
-    if trainable == "lora":
+    if trainable in ("lora", "lora_only"):
         from peft import LoraConfig
 
         targets = [
@@ -109,8 +112,21 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             params[name].copy_(tensor)
 
 
-def export_student(student: nn.Module, folder: str | os.PathLike) -> Path:
-    """``lindiff.save_weights`` of the student, with LoRA adapters merged into the projections."""
+def export_student(
+    student: nn.Module,
+    folder: str | os.PathLike,
+    training: dict[str, Any] | None = None,
+    clear: bool = False,
+) -> Path:
+    """``lindiff.save_weights`` of the student, with LoRA adapters merged into the projections.
+
+    Args:
+        training: a summary of the run for the model card that ``save_weights`` writes.
+        clear: also write CLEAR's released layout (:func:`lindiff.clear_format.save_clear_weights`).
+
+    Returns:
+        The ``lindiff.safetensors`` file.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if any(isinstance(module, BaseTunerLayer) for module in student.modules()):
@@ -118,4 +134,9 @@ def export_student(student: nn.Module, folder: str | os.PathLike) -> Path:
         for module in student.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()
-    return save_weights(student, folder)
+    path = save_weights(student, folder, training=training)
+    if clear:
+        from ..clear_format import save_clear_weights
+
+        save_clear_weights(student, folder)
+    return path

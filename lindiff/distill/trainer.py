@@ -24,19 +24,21 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
-from ..adapters import FAMILIES, ModelAdapter, adapter_for
-from ..denoisers import denoisers
+from ..adapters.base import CONTROL
+from ..clear_format import FAMILY as CLEAR_FAMILY
+from ..clear_format import ROLE as CLEAR_ROLE
 from ..state import get_state
 from .checkpoint import CheckpointManager
+from .components import SetupError, distillation_adapter, load_pipeline, select_component
 from .config import DistillConfig
 from .data import DataOrder, LatentCache, pipeline_identity
 from .losses import AttentionCapture, LossWeights, distillation_losses
 from .objective import DiffusionObjective, upsample_latents
 from .runlog import RunLog, trackers
 from .signals import GracefulStop
-from .sources import generated_cache, image_folder_cache
+from .sources import generated_cache, guidance_scale, image_folder_cache
 from .student import build_student, cast_for_training, export_student, select_trainable
-from .validation import Validator
+from .validation import Validator, sampling_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -62,38 +64,8 @@ class DistillResult:
     output_dir: Path
 
 
-def load_pipeline(model: Any) -> Any:
-    """A pipeline object as given, or ``DiffusionPipeline.from_pretrained(model)`` (a folder or hub id)."""
-    if isinstance(model, (str, os.PathLike)):
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(str(model))
-    if isinstance(model, torch.nn.Module) or not hasattr(model, "scheduler"):
-        raise TypeError(
-            "model must be a diffusers pipeline (its scheduler, text encoder and VAE are used) or its "
-            f"folder or hub id, got {type(model).__name__}"
-        )
-    return model
-
-
 def _noise_seed(seed: int, micro_step: int, process_index: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 1024 + process_index) % (2**63)
-
-
-def distillation_adapter(teacher: torch.nn.Module) -> ModelAdapter:
-    """The adapter of ``teacher``'s family, which encodes prompts for it and calls it.
-
-    Raises:
-        TypeError: the family cannot be distilled yet (the message lists those that can).
-    """
-    adapter = adapter_for(teacher)
-    if not adapter.distillable():
-        supported = [name for name in FAMILIES if FAMILIES.get(name).distillable()]
-        raise TypeError(
-            f"distillation does not support {type(teacher).__name__} denoisers (family {adapter.name!r}) "
-            f"yet; supported families: {', '.join(supported)}"
-        )
-    return adapter
 
 
 class Distiller:
@@ -139,10 +111,10 @@ class Distiller:
         )
         set_seed(config.seed)
         self.pipe = load_pipeline(config.model)
-        self.role, self.teacher = next(
-            (r, m) for r, m in denoisers(self.pipe) if not r.startswith("controlnet")
-        )
+        self.role, self.teacher, self.base = select_component(self.pipe, config.component)
+        self.controlnet = self.role == "controlnet"
         self.teacher.requires_grad_(False).eval()
+        self.base.requires_grad_(False).eval()
         student = self._setup_student()
         self._setup_losses()
         self.dataset = self._build_dataset()
@@ -155,8 +127,9 @@ class Distiller:
             config.seed,
             config.validation_steps,
             config.validation_size or config.resolution,
-            config.guidance_scale,
+            guidance_scale(self.pipe, config),
             autocast=self.accelerator.autocast,
+            arguments=self._validation_arguments(),
         )
         self.log = RunLog(self.accelerator, self.output_dir)
         self.stop = GracefulStop()
@@ -165,8 +138,12 @@ class Distiller:
     def _setup_student(self) -> torch.nn.Module:
         """The linearized copy with its trainable set, and every model on the device in its dtype."""
         config = self.config
-        student = build_student(self.teacher, config.method, config.method_options, config.weights)
-        self.adapter = distillation_adapter(self.teacher)
+        try:
+            student = build_student(self.teacher, config.method, config.method_options, config.weights)
+        except ValueError as error:  # the method, its options or the weights do not fit this model
+            raise SetupError(str(error)) from error
+        self.adapter = distillation_adapter(self.teacher, controlnet=self.controlnet)
+        self._check_options()
         self.trainable = select_trainable(student, config.trainable, config.lora_rank, config.lora_alpha)
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -181,13 +158,44 @@ class Distiller:
         cast_for_training(student, self.weight_dtype)
         return student
 
+    def _check_options(self) -> None:
+        """The options that need the pipeline: image sizes, and a CLEAR export of a FLUX model."""
+        multiple = self.adapter.size_multiple(self.pipe)
+        sizes = {"resolution": self.config.resolution, "validation_size": self.config.validation_size}
+        for name, size in sizes.items():
+            if size is not None and size % multiple:
+                raise SetupError(
+                    f"{name}={size} is not a multiple of {multiple} px, which {type(self.pipe).__name__} "
+                    "needs (its VAE factor times the denoiser's latent multiple)"
+                )
+        if self.config.export_format == "clear" and (self.adapter.name, self.role) != (
+            CLEAR_FAMILY,
+            CLEAR_ROLE,
+        ):
+            raise SetupError(
+                f"export_format='clear': CLEAR's layout holds a {CLEAR_FAMILY!r} {CLEAR_ROLE} only, got a "
+                f"{self.adapter.name!r} {self.role}"
+            )
+
+    def _predict(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The prediction of the pipeline with ``model`` (teacher or student) in the trained role."""
+        if self.controlnet:
+            return self.adapter.predict_controlled(model, self.base, noisy, timesteps, cond)
+        return self.adapter.predict(model, noisy, timesteps, cond)
+
     def _setup_losses(self) -> None:
         config = self.config
         self.objective = DiffusionObjective(
             self.pipe.scheduler, config.timestep_sampling, config.logit_mean, config.logit_std
         )
-        in_channels = self.teacher.config.get("in_channels")
-        self.predicts_variance = (self.teacher.config.get("out_channels") or in_channels) == 2 * in_channels
+        in_channels = self.base.config.get("in_channels")
+        self.predicts_variance = (self.base.config.get("out_channels") or in_channels) == 2 * in_channels
         variance = config.variance_weight
         self.weights = LossWeights(
             diffusion=config.diffusion_weight,
@@ -227,8 +235,18 @@ class Distiller:
     def _build_dataset(self) -> LatentCache:
         identity = pipeline_identity(self.pipe)
         build = generated_cache if self.config.prompts is not None else image_folder_cache
-        args = (self.pipe, self.teacher, self.adapter, self.config, self.accelerator, identity)
-        return build(*args)
+        args = (self.pipe, self.base, self.adapter, self.config, self.accelerator, identity)
+        return build(*args, control=self.controlnet)
+
+    def _validation_arguments(self) -> list[dict[str, Any]]:
+        controls = None
+        if self.controlnet:
+            count = len(self.config.validation_prompts)
+            controls = [self.dataset[i % len(self.dataset)][CONTROL] for i in range(count)]
+        size = self.config.validation_size or self.config.resolution
+        return sampling_arguments(
+            self.pipe, self.adapter, len(self.config.validation_prompts), size, controls
+        )
 
     def unwrapped_student(self) -> torch.nn.Module:
         """The student denoiser without accelerate's wrappers (DDP, compile)."""
@@ -251,15 +269,17 @@ class Distiller:
         latents, cond = self._batch_to_device(batch)
         scale = self.config.latent_scales[micro_step % len(self.config.latent_scales)]
         latents, cond = upsample_latents(latents, scale), self.adapter.scale_conditions(cond, scale)
+        if CONTROL in cond:
+            cond[CONTROL] = upsample_latents(cond[CONTROL], scale)
         seed = _noise_seed(self.config.seed, micro_step, self.accelerator.process_index)
         noisy = self.objective(latents, torch.Generator().manual_seed(seed))
         inputs = noisy.noisy.to(self.weight_dtype)
         teacher_capture, student_capture = self._captures or (None, None)
         with self.accelerator.autocast():
             with torch.no_grad(), _capturing(teacher_capture) as teacher_attention:
-                teacher_out = self.adapter.predict(self.teacher, inputs, noisy.timesteps, cond)
+                teacher_out = self._predict(self.teacher, inputs, noisy.timesteps, cond)
             with _capturing(student_capture) as student_attention:
-                student_out = self.adapter.predict(self.student, inputs, noisy.timesteps, cond)
+                student_out = self._predict(self.student, inputs, noisy.timesteps, cond)
         return distillation_losses(
             student_out,
             teacher_out,
@@ -311,7 +331,7 @@ class Distiller:
         folder = self.checkpoints.latest()
         if not self.config.resume:
             if folder is not None:
-                raise ValueError(
+                raise SetupError(
                     f"output_dir={str(self.output_dir)!r} already holds checkpoints ({folder.name}); "
                     "pass resume=True (--resume) to continue that run, or use another output_dir"
                 )
@@ -345,6 +365,7 @@ class Distiller:
         )
         batches = iter(loader)
         interrupted = False
+        terms: dict[str, float] = {}
         with self.stop.installed(), self._hooks_removed_after():
             while self.step < config.max_steps and not interrupted:
                 started = time.perf_counter()
@@ -366,11 +387,42 @@ class Distiller:
         weights = None
         if not interrupted:
             if accelerator.is_main_process:
-                weights = export_student(self.unwrapped_student(), self.output_dir / FINAL_DIR)
+                weights = export_student(
+                    self.unwrapped_student(),
+                    self.output_dir / FINAL_DIR,
+                    training=self.training_summary(terms),
+                    clear=config.export_format == "clear",
+                )
             accelerator.wait_for_everyone()
         return DistillResult(
             step=self.step, interrupted=interrupted, weights=weights, output_dir=self.output_dir
         )
+
+    def training_summary(self, losses: dict[str, float]) -> dict[str, Any]:
+        """What the exported weights' model card says about this run (``losses``: the last step's)."""
+        config = self.config
+        data: dict[str, Any] = {"source": self.dataset.index.get("source"), "samples": len(self.dataset)}
+        data.update({"resolution": config.resolution, "latent_scales": list(config.latent_scales)})
+        if config.prompts is not None:
+            data.update(
+                generation_steps=config.generation_steps, guidance_scale=guidance_scale(self.pipe, config)
+            )
+        essentials = ("learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps")
+        essentials += ("timestep_sampling", "diffusion_weight", "output_weight", "attention_weight", "seed")
+        model = config.model if isinstance(config.model, (str, os.PathLike)) else None
+        return {
+            "model": str(model or getattr(self.pipe, "name_or_path", None) or config.to_dict()["model"]),
+            "component": self.role,
+            "method": config.method,
+            "method_options": dict(config.method_options),
+            "trainable": config.trainable,
+            "steps": self.step,
+            "data": data,
+            "final_losses": {k: round(v, 6) for k, v in losses.items()},
+            "mixed_precision": self.accelerator.mixed_precision,
+            "processes": self.accelerator.num_processes,
+            "config": {name: getattr(config, name) for name in essentials},
+        }
 
     @contextmanager
     def _hooks_removed_after(self) -> Iterator[None]:
@@ -413,7 +465,8 @@ def _capturing(capture: AttentionCapture | None) -> Iterator[dict[str, Any] | No
 
 
 def distill(config: DistillConfig, callbacks: Sequence[Callback] = ()) -> DistillResult:
-    """Run a distillation: ``Distiller(config, callbacks).train()``.
+    """Run a distillation: ``Distiller(config, callbacks).train()``, or with ``config.recovery_steps > 0``
+    the two phases of :func:`lindiff.distill.phases.distill_in_phases`.
 
     Example:
         >>> from lindiff.distill import DistillConfig, distill
@@ -421,4 +474,8 @@ def distill(config: DistillConfig, callbacks: Sequence[Callback] = ()) -> Distil
         ...                                output_dir="runs/sd15", prompts="prompts.txt"))
         >>> result.weights  # runs/sd15/final/lindiff.safetensors, for lindiff.linearize(weights=...)
     """
+    if config.recovery_steps:
+        from .phases import distill_in_phases  # phases imports this module
+
+        return distill_in_phases(config, callbacks)
     return Distiller(config, callbacks).train()

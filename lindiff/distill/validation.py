@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
+
+from ..adapters import ModelAdapter
+from .sources import control_arguments, has_controlnet
 
 
 class Validator:
@@ -26,6 +30,7 @@ class Validator:
         role: the pipeline attribute of the denoiser (``"unet"``, ``"transformer"``).
         prompts: one column each; prompt ``i`` is sampled with seed ``seed + i``.
         autocast: context-manager factory for mixed precision (``accelerator.autocast``).
+        arguments: extra pipeline arguments per prompt (a ControlNet pipeline's control image).
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class Validator:
         size: int,
         guidance_scale: float,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        arguments: list[dict[str, Any]] | None = None,
     ) -> None:
         self.pipe = pipe
         self.role = role
@@ -49,6 +55,7 @@ class Validator:
         self.size = size
         self.guidance_scale = guidance_scale
         self.autocast = autocast
+        self.arguments = arguments or [{} for _ in prompts]
         self._teacher: list[Image.Image] | None = None
 
     def _sample(self) -> list[Image.Image]:
@@ -63,6 +70,7 @@ class Validator:
                     guidance_scale=self.guidance_scale,
                     generator=torch.Generator().manual_seed(self.seed + i),
                     output_type="pil",
+                    **self.arguments[i],
                 )
             images.append(out.images[0])
         return images
@@ -84,3 +92,23 @@ class Validator:
         path = self.folder / f"step-{step:08d}.png"
         make_image_grid([*self._teacher, *student_images], rows=2, cols=len(self.prompts)).save(path)
         return path
+
+
+def sampling_arguments(
+    pipe: Any, adapter: ModelAdapter, count: int, size: int, controls: list[torch.Tensor] | None = None
+) -> list[dict[str, Any]]:
+    """Extra ``pipe(...)`` arguments for ``count`` validation samples of ``size`` px: the family's
+    sampling options and, for a ControlNet pipeline, its control image.
+
+    Args:
+        controls: control images ``(3, H, W)`` in [0, 1], one per sample, when the ControlNet is
+            what trains; ``None`` samples with the ControlNet off (a blank image at scale 0).
+    """
+    options = adapter.generation_options(pipe)
+    if not has_controlnet(pipe):
+        return [options] * count
+    if controls is None:
+        blank = Image.new("RGB", (size, size))
+        return [{**options, **control_arguments(pipe, blank), "controlnet_conditioning_scale": 0.0}] * count
+    resized = [F.interpolate(c[None].float(), size=(size, size), mode="bilinear") for c in controls]
+    return [{**options, **control_arguments(pipe, image)} for image in resized]
