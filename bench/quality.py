@@ -65,8 +65,7 @@ from lindiff.evaluation import (
     stripe_score,
 )
 from lindiff.pipelines import HighResPipeline, plan_stages
-from lindiff.pipelines.highres import DEFAULT_STRENGTHS
-from lindiff.pipelines.sdedit import stage_strengths
+from lindiff.pipelines.sdedit import default_strengths
 
 TEACHER_TARGET = 0.80
 """Least teacher prompt accuracy at native size."""
@@ -208,7 +207,7 @@ def highres_seconds_per_image(
     """Rough seconds per image of the high-resolution chain to ``size``: its stages' direct costs
     (from :func:`seconds_per_image`, cached in ``per_image`` by size) times their SDEdit strengths."""
     stages = [height for height, _ in plan_stages(size, size, native_size(pipe))]
-    strengths = [1.0, *stage_strengths(DEFAULT_STRENGTHS, len(stages))]
+    strengths = [1.0, *default_strengths(len(stages))]
     for stage in stages:
         if stage not in per_image:
             per_image[stage] = seconds_per_image(pipe, stage, args)
@@ -587,7 +586,9 @@ def run_config(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
         "native_size": plan.native,
         "sizes": plan.sizes,
         "num_prompts": plan.counts,
-        "highres": {"strengths": list(DEFAULT_STRENGTHS), "stages": "auto"} if args.highres else None,
+        "highres": {"strengths": "default (pipelines.sdedit.default_strengths)", "stages": "auto"}
+        if args.highres
+        else None,
         "num_control": plan.control_counts,
         "num_lora": plan.num_lora,
         "steps": args.steps,

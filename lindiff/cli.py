@@ -223,6 +223,7 @@ REPRODUCED_FLAGS = {
     "seed": "--seed",
     "highres": "--highres",
     "stages": "--stages",
+    "strengths": "--strengths",
 }
 """``render`` flags whose value ``--reproduce`` takes from the PNG (so they may not be given with it)."""
 
@@ -328,6 +329,14 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stages", type=_stages, help="high-resolution stages: auto or a number (default: auto)"
+    )
+    parser.add_argument(
+        "--strengths",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="SDEdit strengths of high-resolution stages 2, 3, ... (default: 0.4 0.3 0.2 0.1, then 0.1 "
+        "for every further stage, which fits any size)",
     )
     parser.add_argument(
         "--tile",

@@ -88,7 +88,8 @@ class RenderOptions:
         steps, guidance: denoising steps and classifier-free guidance scale.
         highres: render with :class:`~lindiff.pipelines.highres.HighResPipeline`; ``None``
             does so exactly when a side exceeds the model's native size.
-        stages: the high-resolution pipeline's ``stages``.
+        stages, strengths: the high-resolution pipeline's ``stages`` and ``strength_schedule``
+            (``None``: the default schedule).
         tile: code with a tiled VAE (less memory at large sizes), in the plain and the
             high-resolution pipeline; ``None`` tiles the high-resolution pipeline's VAE only when
             memory is short (its ``tile_vae="auto"``) and never the plain pipeline's.
@@ -101,6 +102,7 @@ class RenderOptions:
     guidance: float = DEFAULT_GUIDANCE
     highres: bool | None = None
     stages: int | str = "auto"
+    strengths: tuple[float, ...] | None = None
     tile: bool | None = None
 
 
@@ -133,6 +135,7 @@ class Renderer:
             guidance=options.guidance,
             highres=self.uses_highres(item),
             stages=options.stages,
+            strengths=options.strengths,
             tile=options.tile,
         )
 

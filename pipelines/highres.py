@@ -50,8 +50,6 @@ from .stages import Stage, chain_stages, is_int, plan_stages
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRENGTHS = (0.4, 0.3, 0.2, 0.1)
-"""SDEdit strengths of stages 2, 3, ... (LinFusion's published chain)."""
 SKIP_RESIDUAL_POWER = 3.0
 """DemoFusion's exponent of the cosine skip-residual weight (``skip_residual=True``)."""
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -358,7 +356,7 @@ class HighResPipeline:
         guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         stages: int | str = "auto",
-        strength_schedule: Sequence[float] = DEFAULT_STRENGTHS,
+        strength_schedule: Sequence[float] | None = None,
         native_size: int | None = None,
         skip_residual: bool | float = False,
         tile_vae: bool | str = "auto",
@@ -380,7 +378,9 @@ class HighResPipeline:
             num_inference_steps: steps of a full schedule; stage 1 runs all of them, an SDEdit
                 stage of strength ``s`` runs ``int(num_inference_steps * s)``.
             stages: ``"auto"`` or the number of stages (see :func:`plan_stages`).
-            strength_schedule: SDEdit strengths of stages 2, 3, ... (the first ``stages - 1`` are used).
+            strength_schedule: SDEdit strengths of stages 2, 3, ... (the first ``stages - 1`` are
+                used); ``None``: LinFusion's 0.4, 0.3, 0.2, 0.1, then 0.1 for every further stage,
+                so every size works (:func:`~lindiff.pipelines.sdedit.default_strengths`).
             native_size: side of the native square (px); default :attr:`native_size`.
             skip_residual: DemoFusion's skip residual in the SDEdit stages; ``True`` uses the
                 exponent :data:`SKIP_RESIDUAL_POWER`, a float sets it.

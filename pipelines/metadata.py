@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ def generation_params(
     weights: str | None,
     highres: bool = False,
     stages: int | str | None = None,
+    strengths: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The parameters recorded with an image, as a JSON-ready dict.
 
@@ -91,6 +93,8 @@ def generation_params(
         weights: the weights as given; ``None`` for none (or the default model's own).
         highres: whether :class:`~lindiff.pipelines.highres.HighResPipeline` rendered it.
         stages: its ``stages`` argument (``None`` when ``highres`` is false).
+        strengths: its ``strength_schedule``; ``None`` for the default one (and when ``highres`` is
+            false).
 
     ``weights_sha256`` is the short hash of the weights actually used (see
     :func:`~lindiff.pipelines.loading.resolve_weights`), ``None`` without local weights.
@@ -109,6 +113,7 @@ def generation_params(
         "weights_sha256": weights_sha256(resolve_weights(model, method, weights)),
         "highres": bool(highres),
         "stages": stages if highres else None,
+        "strengths": [float(s) for s in strengths] if highres and strengths is not None else None,
         "lindiff_version": __version__,
     }
 
@@ -128,6 +133,7 @@ def format_params(params: dict[str, Any]) -> str:
         "Weights": params.get("weights"),
         "Weights hash": params.get("weights_sha256"),
         "High-res stages": params.get("stages") if params.get("highres") else None,
+        "High-res strengths": " ".join(map(str, params["strengths"])) if params.get("strengths") else None,
         "lindiff": params.get("lindiff_version"),
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))

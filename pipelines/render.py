@@ -49,7 +49,7 @@ class RenderConfig:
             size when all are ``None``.
         steps, guidance: denoising steps and guidance scale.
         seed: base seed; a row without its own seed gets ``seed + index``.
-        highres, stages, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
+        highres, stages, strengths, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
         on_error: ``"abort"`` or ``"skip"`` malformed prompt-file lines (and rows whose size
             the model cannot render).
     """
@@ -73,6 +73,7 @@ class RenderConfig:
     seed: int = 0
     highres: bool | None = None
     stages: int | str = "auto"
+    strengths: tuple[float, ...] | None = None
     tile: bool | None = None
     on_error: OnError = "abort"
 
@@ -90,6 +91,11 @@ class RenderConfig:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {self.on_error!r}")
         if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
             raise ValueError(f"stages must be 'auto' or a positive integer, got {self.stages!r}")
+        if self.strengths is not None:
+            bad = [s for s in self.strengths if not isinstance(s, (int, float)) or not 0 < s <= 1]
+            if bad or not self.strengths:
+                raise ValueError(f"strengths must be numbers in (0, 1], got {list(self.strengths)}")
+            self.strengths = tuple(float(s) for s in self.strengths)
 
 
 def _process_state(device: str) -> Any:
@@ -126,6 +132,7 @@ def _reproduction(config: RenderConfig) -> tuple[RenderOptions, RenderItem, str 
         guidance=params["guidance"],
         highres=params.get("highres", False),
         stages=params.get("stages") or "auto",
+        strengths=tuple(params["strengths"]) if params.get("strengths") else None,
         tile=config.tile,
     )
     item = RenderItem(
@@ -200,6 +207,7 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
             guidance=config.guidance,
             highres=config.highres,
             stages=config.stages,
+            strengths=config.strengths,
             tile=config.tile,
         )
         if config.prompts:

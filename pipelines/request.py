@@ -34,7 +34,8 @@ class ImageRequest:
         prompt, negative_prompt, seed, width, height, steps, guidance: the generation call.
         highres: render through :class:`~lindiff.pipelines.highres.HighResPipeline` (native size
             first, then SDEdit stages) instead of the pipeline's own call at the full size.
-        stages: the high-resolution pipeline's ``stages``.
+        stages, strengths: the high-resolution pipeline's ``stages`` and ``strength_schedule``
+            (``None``: the default schedule, which fits any number of stages).
         tile: tiled VAE (less memory at large sizes) in either path; ``None`` tiles the
             high-resolution chain's VAE only when memory is short (``tile_vae="auto"``) and leaves
             the plain call's VAE as it is.
@@ -50,6 +51,7 @@ class ImageRequest:
     negative_prompt: str = ""
     highres: bool = False
     stages: int | str = "auto"
+    strengths: tuple[float, ...] | None = None
     tile: bool | None = None
     condition: Image.Image | None = None
     controlnet_scale: float = 1.0
@@ -69,6 +71,7 @@ class ImageRequest:
             weights=weights,
             highres=self.highres,
             stages=self.stages,
+            strengths=self.strengths,
         )
 
 
@@ -101,7 +104,13 @@ class ImageRenderer:
             if self._highres is None:
                 self._highres = HighResPipeline.from_pipe(self.pipe)
             tile = "auto" if request.tile is None else request.tile
-            return self._highres(stages=request.stages, tile_vae=tile, on_progress=progress, **call).images[0]
+            return self._highres(
+                stages=request.stages,
+                strength_schedule=request.strengths,
+                tile_vae=tile,
+                on_progress=progress,
+                **call,
+            ).images[0]
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipe, "num_timesteps", None) or request.steps

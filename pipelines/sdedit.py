@@ -14,16 +14,34 @@ from typing import Any
 
 import torch
 
+LINFUSION_STRENGTHS = (0.4, 0.3, 0.2, 0.1)
+"""SDEdit strengths of stages 2 to 5 in LinFusion's published chain (up to 16x the native side)."""
 
-def stage_strengths(strength_schedule: Sequence[float], num_stages: int) -> list[float]:
-    """The SDEdit strengths of stages 2..``num_stages``: the first ``num_stages - 1`` entries.
+
+def default_strengths(num_stages: int) -> list[float]:
+    """The default SDEdit strengths of stages 2..``num_stages``, for a chain of any length.
+
+    LinFusion's chain (:data:`LINFUSION_STRENGTHS`) for the first four refining stages; every stage
+    after those, which only doubles an image already 16x the native side, repeats its last
+    strength, 0.1: they add detail at the new scale and repaint nothing.
+    """
+    count = max(num_stages - 1, 0)
+    last = LINFUSION_STRENGTHS[-1]
+    return [*LINFUSION_STRENGTHS[:count], *[last] * (count - len(LINFUSION_STRENGTHS))]
+
+
+def stage_strengths(strength_schedule: Sequence[float] | None, num_stages: int) -> list[float]:
+    """The SDEdit strengths of stages 2..``num_stages``: :func:`default_strengths` for
+    ``strength_schedule=None``, else the schedule's first ``num_stages - 1`` entries.
 
     Raises:
-        ValueError: an entry is not in (0, 1], or the schedule is too short for the chain.
+        ValueError: an entry is not in (0, 1], or a given schedule is too short for the chain.
     """
+    if strength_schedule is None:
+        return default_strengths(num_stages)
     if isinstance(strength_schedule, (str, bytes)) or not isinstance(strength_schedule, Sequence):
         raise ValueError(
-            f"strength_schedule must be a sequence of floats in (0, 1], got {strength_schedule!r}"
+            f"strength_schedule must be None or a sequence of floats in (0, 1], got {strength_schedule!r}"
         )
     bad = [
         s
@@ -34,8 +52,9 @@ def stage_strengths(strength_schedule: Sequence[float], num_stages: int) -> list
         raise ValueError(f"strength_schedule entries must be in (0, 1], got {list(strength_schedule)}")
     if len(strength_schedule) < num_stages - 1:
         raise ValueError(
-            f"strength_schedule has {len(strength_schedule)} strengths but the {num_stages}-stage chain needs "
-            f"{num_stages - 1}; pass a longer strength_schedule or fewer stages"
+            f"strength_schedule (--strengths of lindiff render) has {len(strength_schedule)} strengths but "
+            f"the {num_stages}-stage chain needs {num_stages - 1}; give more strengths, fewer stages, or "
+            "none for the default schedule, which fits any chain"
         )
     return [float(s) for s in strength_schedule[: num_stages - 1]]
 

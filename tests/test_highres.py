@@ -20,6 +20,7 @@ from peft import LoraConfig
 import lindiff
 from lindiff.pipelines import HighResPipeline, HighResPipelineOutput, HighResProgress
 from lindiff.pipelines.highres import plan_stages, sdedit_scheduler, stage_strengths
+from lindiff.pipelines.sdedit import default_strengths
 from lindiff.state import PROJECTIONS
 
 PROMPT = "a red circle above a blue square"
@@ -112,11 +113,30 @@ def test_plan_stages_errors(kwargs, match):
 def test_stage_strengths():
     assert stage_strengths((0.4, 0.3, 0.2, 0.1), 3) == [0.4, 0.3]
     assert stage_strengths((0.4, 0.3, 0.2, 0.1), 1) == []
-    with pytest.raises(ValueError, match="strength_schedule has 4 strengths but the 6-stage chain needs 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"strength_schedule \(--strengths of lindiff render\) has 4 strengths but the 6-stage chain "
+        "needs 5; give more strengths, fewer stages, or none for the default",
+    ):
         stage_strengths((0.4, 0.3, 0.2, 0.1), 6)
     for bad in ((0.4, 0.0), (1.5,), "0.4", 0.4):
         with pytest.raises(ValueError, match="strength_schedule"):
             stage_strengths(bad, 2)
+
+
+@pytest.mark.parametrize(
+    ("size", "native", "num_stages"),
+    [(512, 512, 1), (4096, 512, 4), (8192, 512, 5), (16384, 512, 6), (4096, 128, 6), (8192, 128, 7)],
+    ids=["sd-native", "sd-4k", "sd-8k", "sd-16k", "shapes-4k", "shapes-8k"],
+)
+def test_the_default_schedule_fits_every_chain(size, native, num_stages):
+    """Up to 16384 px for SD-class models (native 512) and 8192 px for the embedded one (native
+    128): LinFusion's four strengths, then 0.1 for each further doubling."""
+    sizes = plan_stages(size, size, native, multiple=8)
+    assert len(sizes) == num_stages and sizes[-1] == (size, size)
+    strengths = stage_strengths(None, num_stages)
+    assert strengths == [0.4, 0.3, 0.2, 0.1, 0.1, 0.1][: num_stages - 1]
+    assert stage_strengths(None, num_stages) == default_strengths(num_stages)
 
 
 # --- the chain on tiny SD ------------------------------------------------------------------------
@@ -281,7 +301,10 @@ def test_call_errors(sd):
             {"height": 50},
             r"height must be a positive multiple of 8 px for this model, got 50 \(nearest valid: 48 or 56\)",
         ),
-        ({"stages": 5}, "strength_schedule has 2 strengths but the 5-stage chain needs 4"),
+        (
+            {"stages": 5},
+            r"strength_schedule \(--strengths of lindiff render\) has 2 strengths but the 5-stage",
+        ),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

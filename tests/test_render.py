@@ -22,7 +22,7 @@ from lindiff.denoisers import pipeline_adapter
 from lindiff.pipelines.batch import Renderer, RenderItem, RenderOptions, render_batch, slugify
 from lindiff.pipelines.loading import check_size, load_pipeline, valid_sizes
 from lindiff.pipelines.manifest import MANIFEST_NAME
-from lindiff.pipelines.metadata import read_params, save_png
+from lindiff.pipelines.metadata import format_params, read_params, save_png
 from lindiff.pipelines.prompts import PromptFileError, parse_size, read_prompts
 from lindiff.state import get_state
 
@@ -431,6 +431,39 @@ def test_sizes_above_the_native_size_render_in_stages(model, tmp_path, capsys, m
     stages = sorted({(p.stage, p.num_stages, p.width, p.height) for p in seen})
     assert stages[0][:2] == (1, 3) and stages[-1] == (3, 3, 32, 64)
     assert seen[-1].step == seen[-1].num_steps
+
+
+def test_every_number_of_stages_works_by_default_and_strengths_travel_with_the_png(
+    model, tmp_path, capsys, monkeypatch
+):
+    """Six stages need five strengths, one more than LinFusion's published four: the default
+    schedule extends itself. ``--strengths`` chooses them, is recorded, and ``--reproduce`` reuses it."""
+    seen = []
+    monkeypatch.setattr("lindiff.pipelines.batch._ImageBar.__call__", lambda self, p: seen.append(p))
+    extra = ["--prompt", "a red star", "--size", "64", "--steps", "10", "--stages", "6"]
+    assert main(render_args(model, tmp_path / "default", *extra)) == 0
+    assert max(p.num_stages for p in seen) == 6
+    (path,) = (tmp_path / "default").glob("*.png")
+    assert read_params(path)["strengths"] is None
+    capsys.readouterr()
+
+    assert main(render_args(model, tmp_path / "short", *extra, "--strengths", "0.5", "0.2")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        err.startswith("lindiff render: error: ") and "--strengths of lindiff render) has 2 strengths" in err
+    )
+
+    chosen = ["--strengths", "0.5", "0.4", "0.3", "0.2", "0.1"]
+    assert main(render_args(model, tmp_path / "chosen", *extra, *chosen)) == 0
+    (path,) = (tmp_path / "chosen").glob("*.png")
+    assert read_params(path)["strengths"] == [0.5, 0.4, 0.3, 0.2, 0.1]
+    assert "High-res strengths: 0.5 0.4 0.3 0.2 0.1" in format_params(read_params(path))
+    again = tmp_path / "again"
+    argv = ["render", "--reproduce", str(path), "--out", str(again), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again / path.name)))
+    assert main([*argv[:-3], "--strengths", "0.3", "--no-progress"]) == 2
+    assert "--strengths cannot be used with --reproduce" in capsys.readouterr().err
 
 
 def test_highres_is_chosen_above_the_native_size():
