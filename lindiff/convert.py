@@ -63,6 +63,20 @@ def check_family(method: AttentionMethod, model: nn.Module) -> ModelAdapter:
     return adapter
 
 
+def share_parallel_config(model: nn.Module, processor: Any) -> None:
+    """Give ``processor`` the context-parallel config of ``model``, as diffusers'
+    ``enable_parallelism`` does for the processors present when it runs.
+
+    So ``linearize`` and ``restore`` work in either order with ``enable_parallelism``: a processor
+    installed afterwards would otherwise compute on its process's shard of the tokens alone.
+    """
+    config = getattr(model, "_parallel_config", None)
+    if getattr(config, "context_parallel_config", None) is not None and hasattr(
+        processor, "_parallel_config"
+    ):
+        processor._parallel_config = config
+
+
 def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedState:
     """Convert one denoiser in place; returns the recorded state."""
     existing = get_state(model)
@@ -93,6 +107,7 @@ def linearize_model(model: nn.Module, method: AttentionMethod) -> LinearizedStat
         setattr(layer.module, GRID_ATTRIBUTE, grid)
         state.processors[layer.name] = adapter.processor(layer)
         layer.module.set_processor(state.processors[layer.name])
+        share_parallel_config(model, state.processors[layer.name])
     handle = model.register_forward_pre_hook(GridRecorder(state), with_kwargs=True)
     state.hook_id = handle.id
     setattr(model, STATE_ATTRIBUTE, state)
@@ -134,6 +149,7 @@ def restore_model(model: nn.Module) -> None:
     with torch.no_grad():
         for name, attn in state.layers.items():
             attn.set_processor(state.original_processors[name])
+            share_parallel_config(model, state.original_processors[name])
             for attribute in (ADDED_MODULE, GRID_ATTRIBUTE):
                 if hasattr(attn, attribute):
                     delattr(attn, attribute)

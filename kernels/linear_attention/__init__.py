@@ -5,6 +5,12 @@ the ``torch.library`` custom ops with autograd and fake implementations (``autog
 public function, which validates and dispatches. With ``backend="auto"`` CUDA tensors run the fused Triton kernels (when
 Triton is installed); anything else runs the plain-PyTorch reference in ``reference.py``, which is
 also what the Triton kernels are tested against.
+
+The same operator in two passes, :func:`linear_attention_state` then
+:func:`linear_attention_from_state`, lets a caller combine the states of several key/value sets
+before the output pass (context parallelism sums the states of a sequence's shards). The two
+passes run the PyTorch reference on every device (on CUDA as cuBLAS matmuls); the fused Triton
+kernels compute the state and the output in one launch and are single-pass only.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ import os
 import torch
 
 from .autograd import linear_attention_op
-from .reference import FEATURE_MAPS, linear_attention_quadratic, linear_attention_reference
+from .reference import (
+    FEATURE_MAPS,
+    linear_attention_from_state_reference,
+    linear_attention_quadratic,
+    linear_attention_reference,
+    linear_attention_state_reference,
+)
 
 LAYOUTS = ("bnhd", "bhnd")
 BACKENDS = ("auto", "triton", "reference")
@@ -32,8 +44,10 @@ __all__ = [
     "FEATURE_MAPS",
     "LAYOUTS",
     "linear_attention",
+    "linear_attention_from_state",
     "linear_attention_quadratic",
     "linear_attention_reference",
+    "linear_attention_state",
 ]
 
 
@@ -151,4 +165,70 @@ def linear_attention(
         return linear_attention_op(q, k, v, feature_map, float(eps), layout, scale)[0]
     return linear_attention_reference(
         q, k, v, feature_map=feature_map, eps=float(eps), layout=layout, kv_scale=scale
+    )
+
+
+def linear_attention_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str = "elu1",
+    layout: str = "bnhd",
+    kv_scale: float | str = 1.0,
+) -> torch.Tensor:
+    """The first pass of :func:`linear_attention`: the key/value state ``[S | z]``.
+
+    Args:
+        k: ``(B, N_k, H, D)`` for ``layout="bnhd"``, ``(B, H, N_k, D)`` for ``layout="bhnd"``.
+        v: ``(B, N_k, H, D_v)`` / ``(B, H, N_k, D_v)``.
+        feature_map: as in :func:`linear_attention`.
+        layout: ``"bnhd"`` or ``"bhnd"``.
+        kv_scale: a positive factor ``s``, or ``"mean"`` for ``s = 1 / N_k``. States of several
+            key/value sets add up to the state of their concatenation only with a number: sum them
+            with ``kv_scale=1.0`` and divide by the total token count for a mean.
+
+    Returns:
+        ``(B, H, D, D_v + 1)`` in float32 (float64 for float64 inputs): ``s * sum_j phi(k_j)^T v_j``
+        in the first ``D_v`` columns and ``z = s * sum_j phi(k_j)`` in the last.
+    """
+    _check_inputs(k, k, v, feature_map, 0.0, layout, kv_scale, "reference")
+    if layout == "bhnd":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    scale = None if kv_scale == "mean" else float(kv_scale)
+    return linear_attention_state_reference(k, v, feature_map=feature_map, kv_scale=scale)
+
+
+def linear_attention_from_state(
+    q: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    feature_map: str = "elu1",
+    eps: float = 1e-4,
+    layout: str = "bnhd",
+) -> torch.Tensor:
+    """The second pass of :func:`linear_attention`: ``o_i = phi(q_i) S / (phi(q_i) . z + eps)``.
+
+    Args:
+        q: ``(B, N_q, H, D)`` for ``layout="bnhd"``, ``(B, H, N_q, D)`` for ``layout="bhnd"``.
+        state: ``[S | z]`` ``(B, H, D, D_v + 1)``, float32 or float64, from :func:`linear_attention_state`.
+        feature_map: as in :func:`linear_attention` (the one the state was computed with).
+        eps: added to the denominator.
+        layout: ``"bnhd"`` or ``"bhnd"``.
+
+    Returns:
+        The attention output in the layout and dtype of ``q``, value dim ``D_v``.
+    """
+    _check_inputs(q, q, q, feature_map, eps, layout, 1.0, "reference")
+    batch, heads = (q.shape[0], q.shape[2]) if layout == "bnhd" else (q.shape[0], q.shape[1])
+    if not isinstance(state, torch.Tensor) or state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"state must be a float32 or float64 tensor, got {getattr(state, 'dtype', type(state))}"
+        )
+    if state.ndim != 4 or state.shape[:3] != (batch, heads, q.shape[-1]) or state.shape[-1] < 2:
+        raise ValueError(
+            f"state must have shape (B, H, D, D_v + 1) = ({batch}, {heads}, {q.shape[-1]}, D_v + 1) "
+            f"for q of shape {tuple(q.shape)} ({layout!r} layout), got {tuple(state.shape)}"
+        )
+    return linear_attention_from_state_reference(
+        q, state, feature_map=feature_map, eps=float(eps), layout=layout
     )

@@ -16,6 +16,10 @@ through strided views (per-batch ``bmm`` takes them as they are), ``phi`` is com
 accumulation dtype. Without autograd the chunks accumulate ``[S | z]`` in place, the normaliser
 rides along ``S`` as an extra value column, and the division writes straight into the output.
 Under autograd (or ``torch.compile``) one out-of-place pass is shaped for a cheap backward.
+
+Two passes, usable on their own: :func:`linear_attention_state_reference` reduces the keys and values to
+``[S | z]``, :func:`linear_attention_from_state_reference` applies a state to the queries. Between them a
+caller may sum the states of several key/value sets (shards of one sequence on several processes).
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def _feature(x: torch.Tensor, feature_map: str, dtype: torch.dtype) -> torch.Ten
     return FEATURE_MAPS[feature_map](x)
 
 
-def linear_attention_state(
+def linear_attention_state_reference(
     k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu1", kv_scale: float | None = 1.0
 ) -> torch.Tensor:
     """The key/value state ``[S | z]`` of ``(B, N_k, H, D)`` keys and ``(B, N_k, H, D_v)`` values.
@@ -129,12 +133,36 @@ def linear_attention_reference(
         ``(B, N_q, H, D_v)`` (or ``(B, H, N_q, D_v)``), contiguous, in the dtype of ``q``.
     """
     if layout == "bhnd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    batch, n_q, heads, dim = q.shape
-    dim_v = v.shape[-1]
-    state = linear_attention_state(k, v, feature_map, kv_scale)
+        k, v = (t.transpose(1, 2) for t in (k, v))
+    state = linear_attention_state_reference(k, v, feature_map, kv_scale)
+    return linear_attention_from_state_reference(q, state, feature_map, eps, layout)
 
-    if _functional(q, k, v):
+
+def linear_attention_from_state_reference(
+    q: torch.Tensor,
+    state: torch.Tensor,
+    feature_map: str = "elu1",
+    eps: float = 1e-4,
+    layout: str = "bnhd",
+) -> torch.Tensor:
+    """The output pass of linear attention: ``o_i = phi(q_i) S / (phi(q_i) . z + eps)`` for a given state.
+
+    Args:
+        q: queries, ``(B, N_q, H, D)`` for ``layout="bnhd"`` or ``(B, H, N_q, D)`` for ``"bhnd"``.
+        state: ``[S | z]`` ``(B, H, D, D_v + 1)`` as :func:`linear_attention_state_reference` returns it
+            (possibly summed over processes); its dtype is the accumulation dtype.
+        feature_map: name in ``FEATURE_MAPS``, applied to q.
+        eps: added to the denominator.
+
+    Returns:
+        ``(B, N_q, H, D_v)`` (or ``(B, H, N_q, D_v)``), contiguous, in the dtype of ``q``.
+    """
+    if layout == "bhnd":
+        q = q.transpose(1, 2)
+    batch, n_q, heads, dim = q.shape
+    dim_v = state.shape[-1] - 1
+
+    if _functional(q, state):
         # Per batch element through unbind; numerator and denominator as two matmuls (slicing one
         # fused product would give the backward full-size zero-filled gradients).
         rows = []

@@ -15,7 +15,7 @@ from torch import nn
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
 from .base import Batch, MicroConditions, ModelAdapter, call_default, tensor_argument
-from .processors import mixer_of, reject_attention_mask
+from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
 
 
 class FluxMixerAttnProcessor:
@@ -26,12 +26,19 @@ class FluxMixerAttnProcessor:
     through ``add_q/add_k/add_v_proj``, RMS norms per side, then ``[text, image]`` concatenated
     (text first) and rotated by RoPE; the output is split back, image through ``to_out``, text
     through ``to_add_out``. Single-stream layers get text and image already concatenated in
-    ``hidden_states``; the image tokens are its last ``grid.num_tokens()``, and the output goes
-    back unprojected (the block's ``proj_out`` follows).
+    ``hidden_states``; the image tokens are its last ``grid.num_tokens()`` (this process's part of
+    them under context parallelism), and the output goes back unprojected (the block's
+    ``proj_out`` follows).
 
     ``hidden_states``: ``(B, N, C)``; returns ``(image, text)`` outputs for double-stream layers,
     ``(B, N, C)`` for single-stream ones.
+
+    Under context parallelism (``_parallel_config`` set by diffusers' ``enable_parallelism``)
+    FLUX's plan splits the text and the image tokens, so a call holds this process's part of each
+    (text first, as always) and the mixer gets the shard in ``Tokens.shard``.
     """
+
+    _parallel_config: Any = None
 
     def __call__(
         self,
@@ -44,6 +51,8 @@ class FluxMixerAttnProcessor:
         reject_attention_mask(attention_mask, "lindiff")
         mixer = mixer_of(attn)
         grid = getattr(attn, GRID_ATTRIBUTE, None)
+        shard = sequence_shard(self)
+        num_image = grid.num_tokens() if shard is None else _length(shard.part(grid.num_tokens()))
 
         query = attn.norm_q(_heads(attn, attn.to_q(mixer.query_input(hidden_states))))
         key = attn.norm_k(_heads(attn, attn.to_k(mixer.key_input(hidden_states))))
@@ -61,19 +70,35 @@ class FluxMixerAttnProcessor:
             image = slice(num_text, num_text + hidden_states.shape[1])
         else:
             total = hidden_states.shape[1]
-            image = slice(total - grid.num_tokens(), total)
+            image = slice(total - num_image, total)
+        if image.start < 0 or _length(image) != num_image:
+            raise RuntimeError(_split_unknown(_length(image), num_image))
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        out = mixer(query, key, value, Tokens(image=image, source=grid))
+        out = call_mixer(mixer, query, key, value, Tokens(image=image, source=grid, shard=shard))
         out = out.flatten(2, 3).to(query.dtype)
         if not joint:
             return out
         text_out, image_out = out.split_with_sizes([num_text, out.shape[1] - num_text], dim=1)
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         return image_out, attn.to_add_out(text_out.contiguous())
+
+
+def _length(part: slice) -> int:
+    return part.stop - part.start
+
+
+def _split_unknown(found: int, expected: int) -> str:
+    """The message of a call whose image tokens are not the ones the model's input has."""
+    return (
+        f"this FLUX attention layer holds {found} image tokens where {expected} were expected from the "
+        "model's img_ids: the sequence is split over processes (diffusers' context parallelism) in a way "
+        "lindiff's processor was not told about, or not by FLUX's own plan. Call model.enable_parallelism() "
+        "after lindiff.linearize(), so that diffusers configures lindiff's processors too"
+    )
 
 
 def _heads(attn: FluxAttention, x: torch.Tensor) -> torch.Tensor:

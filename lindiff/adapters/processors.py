@@ -10,17 +10,22 @@ Where processors live: a processor is family plumbing, so it lives in ``lindiff/
 The self-attention processor of diffusers' plain ``Attention`` (UNet ``attn1``, PixArt, SANA,
 SD3.5 ``attn2``) and the parts every processor shares are here; a processor that reproduces one
 family's diffusers processor (SD3 joint attention, FLUX) lives in that family's adapter file.
+
+Context parallelism: every processor declares ``_parallel_config = None``, so diffusers'
+``enable_parallelism`` sets it as it does on its own processors; :func:`call_mixer` then passes
+the sequence shard to the mixer (see :mod:`lindiff.parallel`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers.models.attention_processor import Attention
 
 from ..attention.base import ADDED_MODULE, GRID_ATTRIBUTE, TokenMixer, Tokens
+from ..parallel import SequenceShard, not_supported, shard_of
 
 
 @dataclass
@@ -85,6 +90,24 @@ def mixer_of(attn: torch.nn.Module) -> TokenMixer:
     return mixer
 
 
+def sequence_shard(processor: Any) -> SequenceShard | None:
+    """The shard of the sequence a processor's calls hold under context parallelism (else ``None``)."""
+    return shard_of(processor._parallel_config)
+
+
+def call_mixer(
+    mixer: TokenMixer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tokens: Tokens
+) -> torch.Tensor:
+    """``mixer(query, key, value, tokens)``, refused on a shard when the mixer cannot run sharded.
+
+    Raises:
+        NotImplementedError: ``tokens.shard`` is set and the mixer's method does not support it.
+    """
+    if tokens.shard is not None and not mixer.context_parallel:
+        raise not_supported(mixer.method_name)
+    return mixer(query, key, value, tokens)
+
+
 def head_norm(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
     """Apply a q/k norm to ``x`` ``(B, N, H*D)`` as diffusers does: per head, or across heads
     when the norm spans the whole width (SANA's ``rms_norm_across_heads``); returns ``(B, N, H, D)``."""
@@ -114,6 +137,7 @@ class SelfAttnProcessor:
     """
 
     clip_float16: ClassVar[bool] = False
+    _parallel_config: Any = None
 
     def __call__(
         self,
@@ -128,8 +152,12 @@ class SelfAttnProcessor:
         hidden_states, call = begin_attention(attn, hidden_states, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = image_qkv(attn, mixer, hidden_states, context)
-        tokens = Tokens(image=slice(0, query.shape[1]), source=getattr(attn, GRID_ATTRIBUTE, None))
-        out = mixer(query, key, value, tokens)
+        tokens = Tokens(
+            image=slice(0, query.shape[1]),
+            source=getattr(attn, GRID_ATTRIBUTE, None),
+            shard=sequence_shard(self),
+        )
+        out = call_mixer(mixer, query, key, value, tokens)
         out = end_attention(attn, out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype), call)
         if self.clip_float16 and out.dtype == torch.float16:
             return out.clip(-65504, 65504)

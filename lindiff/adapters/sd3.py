@@ -12,7 +12,15 @@ from torch import nn
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
 from .base import Batch, LatentGridAdapter, MicroConditions, tensor_argument
-from .processors import SelfAttnProcessor, head_norm, image_qkv, mixer_of, reject_attention_mask
+from .processors import (
+    SelfAttnProcessor,
+    call_mixer,
+    head_norm,
+    image_qkv,
+    mixer_of,
+    reject_attention_mask,
+    sequence_shard,
+)
 
 
 class JointAttnProcessor:
@@ -27,6 +35,8 @@ class JointAttnProcessor:
     ``hidden_states``: ``(B, N_img, C)``; ``encoder_hidden_states``: ``(B, N_txt, C)`` or ``None``
     (then it is plain self-attention). Returns ``(image, text)`` outputs, or the image output alone.
     """
+
+    _parallel_config: Any = None
 
     def __call__(
         self,
@@ -49,8 +59,10 @@ class JointAttnProcessor:
             key = torch.cat([key, text_key], dim=1)
             value = torch.cat([value, text_value], dim=1)
 
-        tokens = Tokens(image=slice(0, num_image), source=getattr(attn, GRID_ATTRIBUTE, None))
-        out = mixer(query, key, value, tokens)
+        tokens = Tokens(
+            image=slice(0, num_image), source=getattr(attn, GRID_ATTRIBUTE, None), shard=sequence_shard(self)
+        )
+        out = call_mixer(mixer, query, key, value, tokens)
         out = out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype)
 
         image_out = attn.to_out[1](attn.to_out[0](out[:, :num_image]))

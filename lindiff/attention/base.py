@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..grid import GridShape, TokenGrid
+from ..parallel import SequenceShard
 
 # Name of the submodule a method adds to each converted ``Attention``. Keeping everything new
 # under one child leaves ``to_q/to_k/to_v/to_out`` untouched for LoRA, and `restore` removes it.
@@ -32,23 +33,40 @@ class Tokens:
         image: the slice of the sequence holding image tokens; everything else is text (joint
             attention: SD3 puts text after the image, FLUX before).
         source: the model's TokenGrid, which places the image tokens on a ``(T, H, W)`` grid.
+        shard: under diffusers' context parallelism, the split of the sequence over processes:
+            the call holds only this process's part of the text and of the image tokens (its
+            image tokens are ``shard.part(total_image)`` of the row-major ``(T, H, W)`` grid), and
+            attention over the whole sequence needs the other processes' (see
+            :mod:`lindiff.parallel`). ``None``: the call holds all.
     """
 
     image: slice
     source: TokenGrid | None = None
+    shard: SequenceShard | None = None
 
     @property
     def num_image(self) -> int:
+        """Image tokens in this call's sequence."""
         return self.image.stop - self.image.start
 
     @property
+    def total_image(self) -> int:
+        """Image tokens of the whole sequence: this call's, or every process's under context parallelism."""
+        if self.shard is None:
+            return self.num_image
+        return self._source().num_tokens()
+
+    @property
     def grid(self) -> GridShape:
-        """``(T, H, W)`` of the image tokens; resolved on demand (only grid-aware methods ask)."""
+        """``(T, H, W)`` of all image tokens; resolved on demand (only grid-aware methods ask)."""
+        return self._source().resolve(self.total_image)
+
+    def _source(self) -> TokenGrid:
         if self.source is None:
             raise RuntimeError(
                 "this attention layer has no token grid (it was not converted by lindiff.linearize)"
             )
-        return self.source.resolve(self.num_image)
+        return self.source
 
 
 class TokenMixer(nn.Module):
@@ -57,7 +75,15 @@ class TokenMixer(nn.Module):
     The processors in :mod:`lindiff.adapters.processors` run the original layer's projections,
     norms and rotary embeddings, then call :meth:`forward` in place of softmax attention, so one
     method works on every layer shape (UNet, PixArt, SD3 joint, FLUX double and single blocks).
+
+    A mixer that computes the exact result when ``tokens.shard`` is set (context parallelism)
+    sets :attr:`context_parallel`; the processors refuse to call the others on a shard.
     """
+
+    method_name: ClassVar[str]
+    """The registered name of the method this mixer belongs to (for messages)."""
+    context_parallel: ClassVar[bool] = False
+    """Whether :meth:`forward` handles ``tokens.shard`` (see :mod:`lindiff.parallel`)."""
 
     def query_input(self, x: torch.Tensor) -> torch.Tensor:
         """Transform the hidden states ``(B, N, C)`` that ``to_q`` projects (identity by default)."""

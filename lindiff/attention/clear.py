@@ -144,6 +144,8 @@ class ClearAttention(TokenMixer):
             for ``1/sqrt(D)``.
     """
 
+    method_name = "clear"
+
     def __init__(self, radius: float, down_factor: int | None, train_tokens: int | None = None) -> None:
         super().__init__()
         self.radius = float(radius)

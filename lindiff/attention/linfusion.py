@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lindiff.kernels import linear_attention
-
+from ..parallel import linear_attention_sharded
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
 
@@ -94,6 +93,9 @@ class LinFusionModules(TokenMixer):
         eps: denominator epsilon.
     """
 
+    method_name = "linfusion"
+    context_parallel = True
+
     def __init__(self, dim: int, mid_dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -107,8 +109,11 @@ class LinFusionModules(TokenMixer):
         return x if self.k_mlp is None else add_residual_mlp(self.k_mlp, x)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """Mean-normalised ELU+1 linear attention over all tokens, ``(B, N, H, D)`` in and out."""
-        return linear_attention(q, k, v, feature_map="elu1", eps=self.eps, kv_scale="mean")
+        """Mean-normalised ELU+1 linear attention over all tokens (of every process under context
+        parallelism), ``(B, N, H, D)`` in and out."""
+        return linear_attention_sharded(
+            q, k, v, tokens.shard, feature_map="elu1", eps=self.eps, kv_scale="mean"
+        )
 
 
 class LinFusion(AttentionMethod):

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lindiff.kernels import linear_attention
-
 from ..grid import GridShape
+from ..parallel import linear_attention_sharded, rows_around
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
 
@@ -77,6 +76,20 @@ def grid_conv(conv: nn.Conv2d, x: torch.Tensor, grid: GridShape) -> torch.Tensor
     return out.permute(0, 2, 3, 1).reshape(batch, frames * height * width, heads, dim)
 
 
+def grid_conv_sharded(conv: nn.Conv2d, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """:func:`grid_conv` of this process's part ``x`` ``(B, n, heads, D)`` of the image tokens under
+    context parallelism: the grid rows the kernel reaches beyond the part come from the other
+    processes (:func:`lindiff.parallel.rows_around`), and frames are convolved separately."""
+    grid = tokens.grid
+    width = grid[2]
+    block = rows_around(x, tokens.shard, grid, conv.kernel_size[0] // 2)
+    pieces = [
+        grid_conv(conv, block.tokens[:, first * width : stop * width], (1, stop - first, width))
+        for first, stop in block.frame_segments(grid)
+    ]
+    return torch.cat(pieces, dim=1)[:, block.local]
+
+
 class LiTAttention(TokenMixer):
     """What LiT adds to one layer: the depthwise convolution, and the few-head linear attention.
 
@@ -86,6 +99,9 @@ class LiTAttention(TokenMixer):
         kernel_size: side of the depthwise convolution.
         eps: denominator epsilon.
     """
+
+    method_name = "lit"
+    context_parallel = True
 
     def __init__(self, channels: int, heads: int, kernel_size: int, eps: float) -> None:
         super().__init__()
@@ -100,17 +116,26 @@ class LiTAttention(TokenMixer):
         return x.reshape(x.shape[0], x.shape[1], self.heads, -1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """``q, k`` ``(B, N, H, D)``, ``v`` ``(B, N, H, D_v)`` with image tokens at ``tokens.image``; returns ``(B, N, H, D_v)``."""
-        out = linear_attention(
+        """``q, k`` ``(B, N, H, D)``, ``v`` ``(B, N, H, D_v)`` with image tokens at ``tokens.image``; returns ``(B, N, H, D_v)``.
+
+        Under context parallelism (``tokens.shard``) the attention and the convolution cover every
+        process's tokens, as on one process.
+        """
+        out = linear_attention_sharded(
             self.regroup(q),
             self.regroup(k),
             self.regroup(v),
+            tokens.shard,
             feature_map="relu",
             eps=self.eps,
             kv_scale="mean",
         ).reshape(v.shape)
         image = tokens.image
-        local = grid_conv(self.dwc, v[:, image], tokens.grid).to(out.dtype)
+        if tokens.shard is None:
+            local = grid_conv(self.dwc, v[:, image], tokens.grid)
+        else:
+            local = grid_conv_sharded(self.dwc, v[:, image], tokens)
+        local = local.to(out.dtype)
         if image.start == 0 and image.stop == out.shape[1]:
             return out + local
         return torch.cat([out[:, : image.start], out[:, image] + local, out[:, image.stop :]], dim=1)

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lindiff.kernels import linear_attention
-
+from ..parallel import linear_attention_sharded
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
 
@@ -43,13 +42,16 @@ class SanaLinearAttention(TokenMixer):
         eps: denominator epsilon.
     """
 
+    method_name = "sana"
+    context_parallel = True
+
     def __init__(self, eps: float) -> None:
         super().__init__()
         self.eps = eps
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """``(B, N, H, D)`` in and out."""
-        return linear_attention(q, k, v, feature_map="relu", eps=self.eps, kv_scale=1.0)
+        """``(B, N, H, D)`` in and out; over every process's tokens under context parallelism."""
+        return linear_attention_sharded(q, k, v, tokens.shard, feature_map="relu", eps=self.eps, kv_scale=1.0)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

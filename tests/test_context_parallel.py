@@ -1,0 +1,305 @@
+"""lindiff attention under diffusers' context parallelism: 2 CPU processes (gloo), tiny FLUX.
+
+One ``torch.multiprocessing.spawn`` of 2 processes runs every case (starting processes is what
+costs time) and rank 0 records, per case, the largest difference between the sharded output and
+the single-process output of the same model (or the error raised); the tests read that record.
+
+CPU workaround (test code only): diffusers 0.42's ``_resolve_parallel_config`` places each rank
+on ``torch.device(type, rank % torch.accelerator.device_count())``, which divides by zero where
+there is no accelerator; the worker patches ``torch.accelerator.device_count`` to return 1. The
+device type is then ``cpu`` and the mesh runs on the gloo process group. Softmax layers under
+``ring_degree`` still fail on CPU (diffusers' native backend returns no LSE), so the ring case
+runs a fully linearized FLUX, which has no softmax attention left.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+from tiny_dit_models import flux_inputs, flux_transformer
+
+import lindiff
+import lindiff.parallel.exchange
+from lindiff.attention.base import Tokens
+from lindiff.attention.sana import SanaLinearAttention
+from lindiff.kernels.linear_attention import (
+    linear_attention,
+    linear_attention_from_state,
+    linear_attention_state,
+)
+from lindiff.parallel import SequenceShard
+
+WORLD = 2
+TOLERANCE = 1e-5  # fp32, outputs of scale ~1: summation order only
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _inputs(height: int, width: int, text: int = 8) -> dict[str, Any]:
+    """Tiny FLUX inputs at a ``height x width`` token grid with ``text`` text tokens (at most 8)."""
+    inputs = flux_inputs(2 * height, 2 * width)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :text]
+    inputs["txt_ids"] = inputs["txt_ids"][:text]
+    return inputs
+
+
+def _randomize_lit(model: torch.nn.Module) -> None:
+    """Non-zero LiT convolutions, so that the halo rows change the output."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.groups > 1:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3)
+
+
+def _model(method: str | None, **options: Any) -> torch.nn.Module:
+    model = flux_transformer()
+    if method is not None:
+        lindiff.linearize(model, method, **options)
+    if method == "lit":
+        _randomize_lit(model)
+    return model
+
+
+def _sharded_vs_single(
+    model: torch.nn.Module, inputs: dict[str, Any], config: ContextParallelConfig, grads: bool = False
+) -> dict[str, float]:
+    """Max |difference| of the output (and, with ``grads``, of every parameter gradient) between
+    one process and ``config``'s split over the 2 processes.
+
+    Uneven splits (``ulysses_anything``) run FLUX's plan without its output gather: diffusers
+    gathers uneven shards with one ``dist.all_gather`` of different sizes, which gloo rejects
+    (NCCL accepts it), so each process compares its own part of the output (image tokens split by
+    ``torch.tensor_split``, as diffusers splits them) with the same part of the single-process one.
+    """
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grads):
+            out = model(**inputs, return_dict=False)[0]
+            if grads:
+                (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        found = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), found
+
+    single, single_grads = run()
+    plan = {"": type(model)._cp_plan[""]} if config.ulysses_anything else None
+    model.enable_parallelism(config=ParallelConfig(context_parallel_config=config), cp_plan=plan)
+    sharded, sharded_grads = run()
+    if plan is not None:
+        single = single.tensor_split(WORLD, dim=1)[dist.get_rank()]
+    result = {"output": (sharded - single).abs().max().item(), "scale": single.abs().max().item()}
+    if plan is not None:  # the other process's part
+        result["output"] = max(_gather_floats(result["output"]))
+    if grads:
+        # Each process holds the gradient of its own tokens' share: their sum is the whole gradient.
+        differences = []
+        for name, grad in sharded_grads.items():
+            dist.all_reduce(grad)
+            differences.append((grad - single_grads[name]).abs().max().item())
+        result["grads"] = max(differences)
+        result["grad_scale"] = max(grad.abs().max().item() for grad in single_grads.values())
+        result["num_grads"] = len(differences)
+    return result
+
+
+def _case_sana_mixer() -> dict[str, float]:
+    """SANA's mixer on an uneven split of random tokens (SANA models have no context-parallel plan)."""
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 9, 2, 8, generator=generator) for _ in range(3))
+    mixer = SanaLinearAttention(eps=1e-15)
+    single = mixer(q, k, v, Tokens(image=slice(0, 9)))
+    group = dist.group.WORLD
+    shard = SequenceShard(group=group, rank=dist.get_rank(group), world_size=WORLD, uneven=True)
+    part = shard.part(9)
+    sharded = mixer(
+        q[:, part], k[:, part], v[:, part], Tokens(image=slice(0, part.stop - part.start), shard=shard)
+    )
+    return {"output": max(_gather_floats((sharded - single[:, part]).abs().max().item()))}
+
+
+def _gather_floats(value: float) -> list[float]:
+    found = [0.0] * WORLD
+    dist.all_gather_object(found, value)
+    return found
+
+
+def _no_exchange(tensor: torch.Tensor, shard: Any) -> torch.Tensor:
+    return tensor
+
+
+def _case_linfusion_no_exchange() -> dict[str, float]:
+    with mock.patch.object(lindiff.parallel.exchange, "all_reduce_sum", _no_exchange):
+        return _sharded_vs_single(_model("linfusion"), _inputs(8, 8), ContextParallelConfig(ulysses_degree=2))
+
+
+def _case_linearize_after_enable() -> dict[str, float]:
+    """diffusers' ``enable_parallelism`` first, ``lindiff.linearize`` second, then ``restore``."""
+    inputs = _inputs(8, 8)
+    base = flux_transformer()
+    model = copy.deepcopy(base)
+    softmax = base(**inputs, return_dict=False)[0]
+    single = lindiff.linearize(base, "linfusion")(**inputs, return_dict=False)[0]
+    model.enable_parallelism(
+        config=ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    )
+    lindiff.linearize(model, "linfusion")
+    model.load_state_dict(base.state_dict())
+    sharded = model(**inputs, return_dict=False)[0]
+    restored = lindiff.restore(model)(**inputs, return_dict=False)[0]
+    return {
+        "output": (sharded - single).abs().max().item(),
+        "restored": (restored - softmax).abs().max().item(),
+    }
+
+
+ULYSSES = ContextParallelConfig(ulysses_degree=2)
+
+CASES: dict[str, Callable[[], dict[str, float]]] = {
+    "softmax": lambda: _sharded_vs_single(_model(None), _inputs(8, 8), ULYSSES),
+    "linfusion_no_exchange": _case_linfusion_no_exchange,
+    "linfusion": lambda: _sharded_vs_single(_model("linfusion"), _inputs(8, 8), ULYSSES, grads=True),
+    "linfusion_ring": lambda: _sharded_vs_single(
+        _model("linfusion"), _inputs(8, 8), ContextParallelConfig(ring_degree=2)
+    ),
+    "linfusion_uneven": lambda: _sharded_vs_single(
+        _model("linfusion"),
+        _inputs(3, 3, text=7),
+        ContextParallelConfig(ulysses_degree=2, ulysses_anything=True),
+    ),
+    "linfusion_uneven_without_anything": lambda: _sharded_vs_single(
+        _model("linfusion"), _inputs(3, 3, text=7), ULYSSES
+    ),
+    "lit": lambda: _sharded_vs_single(_model("lit"), _inputs(8, 8), ULYSSES, grads=True),
+    "lit_mid_row": lambda: _sharded_vs_single(
+        _model("lit", kernel_size=7),
+        _inputs(5, 3),
+        ContextParallelConfig(ulysses_degree=2, ulysses_anything=True),
+    ),
+    "sana_mixer": _case_sana_mixer,
+    "clear": lambda: _sharded_vs_single(_model("clear", radius=2), _inputs(8, 8), ULYSSES),
+    "linearize_after_enable": _case_linearize_after_enable,
+}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results: dict[str, Any] = {}
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        for name, case in CASES.items():
+            torch.manual_seed(0)
+            try:
+                results[name] = case()
+            except Exception as error:  # recorded for the test that expects or reports it
+                results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
+            dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("context_parallel") / "results.json"
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return json.loads(out.read_text())
+
+
+def _ok(results: dict[str, Any], name: str) -> dict[str, float]:
+    result = results[name]
+    assert "error" not in result, result.get("trace")
+    return result
+
+
+def test_softmax_control_matches_single_process(results):
+    """The harness: diffusers' own Ulysses attention on the unconverted model is exact."""
+    assert _ok(results, "softmax")["output"] < TOLERANCE
+
+
+def test_shard_local_linear_attention_is_wrong(results):
+    """Without lindiff's exchange each process attends over its own tokens: a different result."""
+    result = _ok(results, "linfusion_no_exchange")
+    assert result["output"] > 1e-3 * result["scale"]
+
+
+@pytest.mark.parametrize(
+    "case", ["linfusion", "linfusion_ring", "linfusion_uneven", "lit", "lit_mid_row", "sana_mixer"]
+)
+def test_linear_methods_match_single_process(results, case):
+    """Outputs (and, where recorded, every parameter gradient summed over the processes) equal
+    the single-process ones; ``lit_mid_row`` splits the image mid-row, ``*_uneven`` 9 + 7 tokens."""
+    result = _ok(results, case)
+    assert result["output"] < TOLERANCE
+    if "grads" in result:
+        assert result["num_grads"] > 0 and result["grads"] < TOLERANCE * max(1.0, result["grad_scale"])
+
+
+def test_uneven_split_needs_anything_mode(results):
+    """diffusers' equal split asserts that the sequence divides; ``ulysses_anything`` splits any length."""
+    assert "divisible by mesh size" in results["linfusion_uneven_without_anything"]["error"]
+
+
+def test_unsupported_method_raises(results):
+    error = results["clear"]["error"]
+    assert error.startswith("NotImplementedError") and "'clear'" in error and "issue 32" in error
+
+
+def test_linearize_and_restore_work_in_either_order_with_enable_parallelism(results):
+    """diffusers configures the processors present when enable_parallelism runs; lindiff gives its
+    own (and, on restore, the original ones) the same config."""
+    result = _ok(results, "linearize_after_enable")
+    assert result["output"] < TOLERANCE and result["restored"] < TOLERANCE
+
+
+@pytest.mark.parametrize("kv_scale", [1.0, "mean"])
+def test_two_pass_linear_attention_sums_over_splits(kv_scale):
+    """States of a sequence's parts, summed (and divided by the count for a mean), give the whole."""
+    q, k, v = (torch.randn(2, 11, 3, 8, dtype=torch.float64) for _ in range(3))
+    parts = [
+        linear_attention_state(k[:, part], v[:, part], kv_scale=1.0) for part in (slice(0, 4), slice(4, 11))
+    ]
+    state = sum(parts) / (11 if kv_scale == "mean" else 1)
+    assert state.shape == (2, 3, 8, 9)
+    expected = linear_attention(q, k, v, kv_scale=kv_scale)
+    torch.testing.assert_close(linear_attention_from_state(q, state), expected)
+    whole = linear_attention_state(k.transpose(1, 2), v.transpose(1, 2), layout="bhnd", kv_scale=kv_scale)
+    out = linear_attention_from_state(q.transpose(1, 2), whole, layout="bhnd")
+    torch.testing.assert_close(out.transpose(1, 2), expected)
+
+
+def test_two_pass_linear_attention_rejects_a_wrong_state():
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match=r"state must have shape \(B, H, D, D_v \+ 1\)"):
+        linear_attention_from_state(q, torch.zeros(1, 2, 4, 9))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        linear_attention_from_state(q, torch.zeros(1, 2, 8, 9, dtype=torch.float16))
+
+
+def test_shard_sizes_follow_diffusers_split():
+    """Equal chunks, or ``torch.tensor_split``'s sizes in the *_anything modes."""
+    even = SequenceShard(group=None, rank=1, world_size=2)
+    assert even.part(8) == slice(4, 8)
+    with pytest.raises(ValueError, match="ulysses_anything=True"):
+        even.sizes(9)
+    uneven = SequenceShard(group=None, rank=1, world_size=3, uneven=True)
+    assert uneven.sizes(10) == [len(t) for t in torch.arange(10).tensor_split(3)]
+    assert uneven.part(10) == slice(4, 7)
