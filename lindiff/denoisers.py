@@ -8,8 +8,9 @@ from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
 
-DENOISER_ROLES = ("unet", "transformer")
-"""Pipeline attributes a main denoiser sits in."""
+DENOISER_ROLES = ("unet", "transformer", "transformer_2")
+"""Pipeline attributes a denoiser sits in, the main one first; ``transformer_2`` is the low-noise
+expert of Wan 2.2."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -43,7 +44,8 @@ def pipeline_adapter(pipe: Any) -> ModelAdapter:
 def denoisers(pipe_or_model: Any) -> list[tuple[str, nn.Module]]:
     """The models `linearize` converts, with their role names.
 
-    A pipeline gives its ``unet`` or ``transformer`` and each of its ControlNets
+    A pipeline gives its ``unet`` or ``transformer`` (and ``transformer_2``, Wan 2.2's second
+    expert, when it has one) and each of its ControlNets
     (``"controlnet"``, or ``"controlnet.0"``, ``"controlnet.1"``, ... for a multi-ControlNet).
     A bare model gives itself, under its family's role.
     """

@@ -1,9 +1,12 @@
-"""Tiny diffusion transformers (PixArt, SD3/SD3.5, FLUX + ControlNet, SANA) and their pipelines.
+"""Tiny diffusion transformers (PixArt, SD3/SD3.5, FLUX + ControlNet, SANA, Wan) and their pipelines.
 
 Everything is built from configs in code; nothing is downloaded. Every attention layer has two
 heads of width 8. The KL VAEs down-sample 2x and the DiTs use 2x2 patches (FLUX packs 2x2 latent
 pixels); SANA's DC-AE down-samples 4x and SANA uses 1x1 patches. So an image of ``h x w`` px
-gives ``h/4 x w/4`` tokens in every family; SANA needs ``h`` and ``w`` divisible by 32.
+gives ``h/4 x w/4`` tokens in every image family; SANA needs ``h`` and ``w`` divisible by 32.
+Wan (video) has two heads of width 12 (its 3D RoPE splits a head 4 + 4 + 4), a VAE that
+down-samples 8x in space and 4x in time, and 1x2x2 patches: ``f`` frames of ``h x w`` px give
+``((f - 1)/4 + 1) x h/16 x w/16`` tokens.
 
 Text encoders are tiny T5 / Gemma2 / CLIP models; T5 and Gemma get a word-level tokenizer built
 in code, CLIP the BPE fixture of ``tiny_models``. Pipelines encode :data:`TEXT_TOKENS` T5/Gemma
@@ -23,6 +26,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLWan,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxControlNetModel,
@@ -37,6 +41,8 @@ from diffusers import (
     SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from tiny_models import TEXT_DIM, text_config, tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -377,6 +383,52 @@ def sana_inputs(height: int, width: int, batch: int = 1) -> dict[str, Any]:
     }
 
 
+WAN_HEAD_DIM = 12
+
+
+def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
+    """Wan 2.1: 2 blocks of self-attention ``attn1`` (3D RoPE over 4 + 4 + 4 dims) and
+    cross-attention ``attn2``, 1x2x2 patches."""
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=HEADS,
+        attention_head_dim=WAN_HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
+    )
+
+
+def wan_inputs(frames: int, height: int, width: int, batch: int = 1) -> dict[str, Any]:
+    """Inputs at a latent of ``frames x height x width`` (even sides): ``frames x height/2 x width/2`` tokens."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, LATENT_CHANNELS, frames, height, width, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=generator),
+        "timestep": torch.full((batch,), 500.0),
+    }
+
+
+def wan_vae(seed: int = 0) -> AutoencoderKLWan:
+    """A Wan VAE: 8x spatial (3 down-samplings), 4x temporal (the last two), ``LATENT_CHANNELS`` latents."""
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=LATENT_CHANNELS,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * LATENT_CHANNELS,
+        latents_std=[1.0] * LATENT_CHANNELS,
+    )
+
+
 # --- pipelines ---------------------------------------------------------------------------------
 
 
@@ -449,6 +501,37 @@ def sana_pipeline(qk_norm: str | None = None, seed: int = 0) -> SanaPipeline:
             ),
         )
     )
+
+
+def wan_pipeline(seed: int = 0) -> WanPipeline:
+    """Wan text-to-video: the tiny T5 (``text_dim`` of the transformer), a tiny Wan VAE, flow matching."""
+    return _quiet(
+        WanPipeline(
+            tokenizer=word_tokenizer(),
+            text_encoder=t5_encoder(seed=seed),
+            vae=wan_vae(seed),
+            transformer=wan_transformer(seed),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+    )
+
+
+def run_wan(
+    pipe: WanPipeline, frames: int, height: int, width: int, seed: int = 0, steps: int = 2
+) -> torch.Tensor:
+    """Two denoising steps of ``frames`` frames at ``height x width`` px with a fixed generator and
+    :data:`TEXT_TOKENS` text tokens; returns the video ``(1, frames, 3, height, width)``."""
+    return pipe(
+        prompt=PROMPT,
+        num_frames=frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=2.0,
+        max_sequence_length=TEXT_TOKENS,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).frames
 
 
 def control_image(height: int, width: int, seed: int = 5) -> torch.Tensor:

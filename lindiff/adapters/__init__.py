@@ -19,6 +19,7 @@ from .pixart import PixArtAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
 FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")
 FAMILIES.register(UNetAdapter.name, UNetAdapter)
@@ -26,6 +27,7 @@ FAMILIES.register(PixArtAdapter.name, PixArtAdapter)
 FAMILIES.register(SD3Adapter.name, SD3Adapter)
 FAMILIES.register(FluxAdapter.name, FluxAdapter)
 FAMILIES.register(SanaAdapter.name, SanaAdapter)
+FAMILIES.register(WanAdapter.name, WanAdapter)
 
 
 def families() -> list[str]:

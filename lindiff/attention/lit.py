@@ -19,6 +19,10 @@ learns from the first step.
 
 Text tokens of joint and single-stream layers take part in the linear attention as queries and
 keys; only image tokens go through the convolution.
+
+Video (a ``(T, H, W)`` grid with ``T > 1``): the linear attention spans all ``T * H * W`` tokens,
+and the convolution stays 2-D, applied to each frame on its own (frames folded into the batch),
+so it adds the same local spatial detail LiT adds to an image and no value crosses frames.
 """
 
 from __future__ import annotations

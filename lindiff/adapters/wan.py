@@ -1,0 +1,152 @@
+"""Wan 2.x video transformers (``WanTransformer3DModel``: text-to-video and image-to-video)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttention
+from torch import nn
+
+from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
+from ..grid import GridShape, TokenGrid
+from .base import PIPELINE_PIXEL_MULTIPLE, ModelAdapter, call_default, tensor_argument
+from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
+
+
+def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's 3D RoPE on ``x`` ``(B, N, H, D)`` with ``freqs_cos``/``freqs_sin`` ``(1, N, 1, D)``
+    (``WanRotaryPosEmbed``'s output, each frequency repeated twice along ``D``).
+
+    Channels ``(2i, 2i + 1)`` are rotated as a pair by the angle of frequency ``i``, in the
+    frequencies' dtype (float64 by default), and the result is cast back to ``x``'s dtype, exactly
+    as diffusers' ``WanAttnProcessor`` does (FLUX's ``apply_rotary_emb`` keeps ``x``'s dtype).
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class WanMixerAttnProcessor:
+    """Wan's self-attention ``attn1`` (diffusers' ``WanAttnProcessor``) around a lindiff mixer.
+
+    Queries and keys: ``to_q``/``to_k`` (inputs through the mixer's ``query_input``/``key_input``),
+    RMS norms across all heads (``norm_q``/``norm_k``), the split into heads, then the 3D RoPE
+    (:func:`apply_wan_rotary`); values: ``to_v``. The mixer replaces softmax attention over the
+    video tokens (all of them image tokens, frame-major), and ``to_out`` follows.
+
+    ``hidden_states``: ``(B, N, C)`` with ``N = T * H * W`` tokens; returns ``(B, N, C)``.
+    ``rotary_emb``: ``(freqs_cos, freqs_sin)``, each ``(1, N, 1, D)``.
+
+    Under context parallelism (``_parallel_config`` set by diffusers' ``enable_parallelism``)
+    Wan's plan splits the tokens entering ``blocks.0`` and the RoPE tables alike along the
+    sequence, so a call holds this process's consecutive part of the frame-major video tokens with
+    their own rotations, and the mixer gets the shard in ``Tokens.shard``.
+    """
+
+    _parallel_config: Any = None
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError(
+                "lindiff's Wan processor converts self-attention (attn1) only, which takes no "
+                f"encoder_hidden_states; got a tensor of shape {tuple(encoder_hidden_states.shape)}"
+            )
+        reject_attention_mask(attention_mask, "lindiff")
+        mixer = mixer_of(attn)
+        query = attn.norm_q(attn.to_q(mixer.query_input(hidden_states))).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(mixer.key_input(hidden_states))).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_wan_rotary(query, *rotary_emb)
+            key = apply_wan_rotary(key, *rotary_emb)
+        tokens = Tokens(
+            image=slice(0, query.shape[1]),
+            source=getattr(attn, GRID_ATTRIBUTE, None),
+            shard=sequence_shard(self),
+        )
+        out = call_mixer(mixer, query, key, value, tokens).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class WanAdapter(ModelAdapter):
+    """``WanTransformer3DModel`` (Wan 2.1 / 2.2, text- and image-to-video).
+
+    Each block's ``attn1`` (kind ``"self"``) attends over the video tokens only; ``attn2``, the
+    cross-attention to the text (and, image-to-video, the image) tokens, stays softmax.
+
+    The grid is read at the transformer's entry: ``hidden_states`` ``(B, C, F, H, W)`` over
+    ``config.patch_size`` ``(p_t, p_h, p_w)`` (Wan: ``(1, 2, 2)``), floored as Wan's patchify
+    does, gives ``(F / p_t, H / p_h, W / p_w)`` tokens in frame-major, row-major order.
+
+    Sizes: height and width are multiples of the VAE's spatial factor (8; 16 in Wan 2.2 TI2V-5B)
+    times the spatial patch (2), i.e. 16 px. The native size is the area of the pipeline's default
+    ``height x width`` (832 x 480 for the 480p models; the 720p ones share that default). Frame
+    counts are ``4k + 1`` (the VAE's temporal factor 4, its first frame kept), which ``WanPipeline``
+    itself rounds to.
+    """
+
+    name = "wan"
+    role = "transformer"
+    models = (WanTransformer3DModel,)
+
+    def __init__(self) -> None:
+        self.patch_size: tuple[int, int, int] = (1, 2, 2)
+
+    def new_grid(self, model: nn.Module) -> TokenGrid:
+        self.patch_size = _patch(model)
+        return TokenGrid(patch_size=1)
+
+    def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
+        return [
+            LayerInfo(name=f"blocks.{i}.attn1", module=block.attn1, kind="self", grid=grid)
+            for i, block in enumerate(model.blocks)
+        ]
+
+    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        latent = tensor_argument(args, kwargs, "hidden_states", 0)
+        if latent.ndim != 5:
+            raise ValueError(
+                "expected the Wan transformer's hidden_states as (B, C, F, H, W), got shape "
+                f"{tuple(latent.shape)}"
+            )
+        grid.set_tokens(*token_grid(latent.shape[2:], self.patch_size))
+
+    def processor(self, layer: LayerInfo) -> WanMixerAttnProcessor:
+        return WanMixerAttnProcessor()
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        _, p_h, p_w = _patch(denoiser)
+        return math.lcm(p_h, p_w)
+
+    def size_multiple(self, pipe: Any) -> int:
+        """The VAE's spatial factor times the spatial patch (16 px for Wan 2.1), and a multiple of 8."""
+        vae_factor = int(getattr(pipe, "vae_scale_factor_spatial", PIPELINE_PIXEL_MULTIPLE))
+        return math.lcm(vae_factor * self.latent_multiple(pipe.transformer), self.pipeline_pixel_multiple)
+
+    def native_size(self, pipe: Any) -> int:
+        """Side of the square with the area of the pipeline's default ``height x width`` (px):
+        632 for Wan's 832 x 480."""
+        return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
+
+
+def token_grid(latent_shape: torch.Size | tuple[int, int, int], patch: tuple[int, int, int]) -> GridShape:
+    """``(T, H, W)`` tokens of a latent of ``(F, H, W)`` pixels cut into ``patch`` ``(p_t, p_h, p_w)``
+    cells (floored, as Wan's strided Conv3d patchify)."""
+    frames, height, width = (int(n) for n in latent_shape)
+    return frames // patch[0], height // patch[1], width // patch[2]
+
+
+def _patch(model: nn.Module) -> tuple[int, int, int]:
+    """The model's ``config.patch_size`` ``(p_t, p_h, p_w)``."""
+    p_t, p_h, p_w = (int(p) for p in model.config.patch_size)
+    return p_t, p_h, p_w
