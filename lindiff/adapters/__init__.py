@@ -14,7 +14,9 @@ from torch import nn
 
 from ..registry import Registry
 from .base import ModelAdapter
+from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .ltx import LTXAdapter
 from .pixart import PixArtAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
@@ -28,6 +30,8 @@ FAMILIES.register(SD3Adapter.name, SD3Adapter)
 FAMILIES.register(FluxAdapter.name, FluxAdapter)
 FAMILIES.register(SanaAdapter.name, SanaAdapter)
 FAMILIES.register(WanAdapter.name, WanAdapter)
+FAMILIES.register(CogVideoXAdapter.name, CogVideoXAdapter)
+FAMILIES.register(LTXAdapter.name, LTXAdapter)
 
 
 def families() -> list[str]:
