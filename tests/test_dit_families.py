@@ -223,7 +223,9 @@ def test_sana_method_matches_diffusers_without_new_parameters(qk_norm):
 @pytest.mark.parametrize("name", ["pixart", "sd3", "flux"])
 def test_sana_method_rejects_other_families(name):
     model = DENOISERS[name][0]()
-    with pytest.raises(ValueError, match=r"method 'sana' supports only the model families \['sana'\]"):
+    with pytest.raises(
+        ValueError, match=r"method 'sana' supports only the model families \['sana', 'sana_video'\]"
+    ):
         lindiff.linearize(model, method="sana")
     assert get_state(model) is None
 

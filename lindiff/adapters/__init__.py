@@ -16,9 +16,11 @@ from ..registry import Registry
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .hunyuan_video import HunyuanVideoAdapter
 from .ltx import LTXAdapter
 from .pixart import PixArtAdapter
 from .sana import SanaAdapter
+from .sana_video import SanaVideoAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
@@ -32,6 +34,8 @@ FAMILIES.register(SanaAdapter.name, SanaAdapter)
 FAMILIES.register(WanAdapter.name, WanAdapter)
 FAMILIES.register(CogVideoXAdapter.name, CogVideoXAdapter)
 FAMILIES.register(LTXAdapter.name, LTXAdapter)
+FAMILIES.register(HunyuanVideoAdapter.name, HunyuanVideoAdapter)
+FAMILIES.register(SanaVideoAdapter.name, SanaVideoAdapter)
 
 
 def families() -> list[str]:
