@@ -6,7 +6,9 @@
     lindiff distill MODEL     distil MODEL's denoiser into its linear-attention student
                               (``accelerate launch -m lindiff.cli distill ...`` for several GPUs)
     lindiff render            render prompts to PNGs that carry their parameters; resumable
-                              (``accelerate launch -m lindiff.cli render ...`` for several GPUs)
+                              (``accelerate launch -m lindiff.cli render ...`` for several GPUs;
+                              ``torchrun --nproc-per-node N -m lindiff.cli render --parallel-degree N``
+                              splits every image over N GPUs)
     lindiff demo              the Gradio web demo (needs the ``demo`` extra), on 127.0.0.1:7860
 
 Each sub-command is one function taking the parsed arguments; ``main`` returns the exit code:
@@ -259,7 +261,7 @@ def run_render(args: argparse.Namespace) -> int:
     try:
         config = RenderConfig(**{k: v for k, v in options.items() if v is not None})
         result = render(config, show_progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
         return _user_error("render", error)
     except (torch.OutOfMemoryError, MemoryError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -272,6 +274,8 @@ def run_render(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    if result.split_over > 1 and result.process_index != 0:
+        return 130 if result.interrupted else 0  # the main process reports for all of them
     if result.removed:
         print(f"removed {len(result.removed)} partial file(s) of an interrupted run", file=sys.stderr)
     print(summary_table(result))
@@ -345,6 +349,15 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
         "an untiled pass would take over half the free memory)",
     )
     parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    parser.add_argument(
+        "--parallel-degree",
+        type=int,
+        metavar="N",
+        help="split every image over N processes by tokens (context parallelism, for models with a "
+        "sequence plan in diffusers, such as FLUX; not UNets): launch with torchrun --nproc-per-node N "
+        "-m lindiff.cli render ...; process 0 writes the images (default: 1, each process renders its "
+        "share of the batch)",
+    )
     parser.add_argument(
         "--on-error",
         choices=ON_ERROR,
@@ -441,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="render prompts to PNGs that carry their parameters (resumable batches)",
         description="Render prompts to PNGs that carry their generation parameters. Batches are "
         "resumable: a manifest records each finished image and re-running skips them. "
-        "`accelerate launch -m lindiff.cli render ...` splits the prompts between processes. "
+        "`accelerate launch -m lindiff.cli render ...` splits the prompts between processes; with "
+        "--parallel-degree N, `torchrun --nproc-per-node N -m lindiff.cli render ...` splits every image. "
         "Exit codes: 2 for user errors, 3 for out of memory, 130 when interrupted.",
     )
     _add_render_flags(rendering)

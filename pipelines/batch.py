@@ -9,7 +9,10 @@ renders with too.
 
 Each finished image is written atomically and then recorded in the folder's manifest (see
 :mod:`~lindiff.pipelines.manifest`), so a re-run skips it and a crash loses at most the image
-in progress. Under ``accelerate launch`` the pending items are split between the processes.
+in progress. Under ``accelerate launch`` (or ``torchrun``) the pending items are split between the
+processes; when the pipeline's denoiser is itself split over them by tokens (context parallelism,
+:func:`lindiff.parallel.enable_context_parallel`), every process renders every item instead, and
+the main process alone writes the images and the manifest.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..denoisers import pipeline_adapter
+from ..parallel import context_parallel_degree
 from .highres import HighResProgress
 from .manifest import Manifest
 from .metadata import save_png
@@ -171,6 +175,8 @@ class BatchResult:
         removed: temporary files of killed runs that were deleted.
         manifest: the merged manifest file.
         process_index, num_processes: this process and how many rendered the batch.
+        split_over: processes each image was split over by tokens (context parallelism); when
+            above 1, only the main process writes, so ``rendered`` is empty on the others.
     """
 
     rendered: list[ItemRecord] = field(default_factory=list)
@@ -181,6 +187,7 @@ class BatchResult:
     manifest: Path | None = None
     process_index: int = 0
     num_processes: int = 1
+    split_over: int = 1
 
 
 def _execution_device(pipe: Any) -> torch.device:
@@ -212,6 +219,21 @@ class _ImageBar:
         self.bar.update(progress.step - self.bar.n)
 
 
+def _manifest_entry(record: ItemRecord) -> dict[str, Any]:
+    item = record.item
+    return {
+        "key": item.key,
+        "file": item.filename,
+        "index": item.index,
+        "prompt": item.prompt,
+        "seed": item.seed,
+        "width": item.width,
+        "height": item.height,
+        "seconds": round(record.seconds, 3),
+        "peak_memory": record.peak_memory,
+    }
+
+
 def render_batch(
     renderer: Renderer,
     items: Sequence[RenderItem],
@@ -225,19 +247,32 @@ def render_batch(
         renderer: renders one item.
         items: the whole batch (every process passes the same list).
         out_dir: where the PNGs and ``manifest.jsonl`` go.
-        state: an ``accelerate.PartialState``; the pending items are split between its processes.
+        state: an ``accelerate.PartialState``; the pending items are split between its processes,
+            unless ``renderer``'s denoiser is split over all of them by tokens (context
+            parallelism): then every process renders every item and the main process writes.
         show_progress: show the overall and per-image bars (main process only).
 
     Ctrl-C stops after cleaning up the image in progress and returns with ``interrupted`` set.
+
+    Raises:
+        ValueError: the denoiser is split over a number of processes other than ``state``'s.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out, state.process_index, state.num_processes)
+    split_over = context_parallel_degree(renderer.pipe)
+    if split_over > 1 and split_over != state.num_processes:
+        raise ValueError(
+            f"the denoiser is split over {split_over} processes, but {state.num_processes} render the batch"
+        )
+    shares_batch = split_over == 1
+    writes = shares_batch or state.is_main_process
+    manifest = Manifest(out, state.process_index, state.num_processes) if shares_batch else Manifest(out)
     result = BatchResult(
         total=len(items),
         manifest=manifest.path,
         process_index=state.process_index,
         num_processes=state.num_processes,
+        split_over=split_over,
     )
     if state.is_main_process:
         result.removed = manifest.remove_temporary_files()
@@ -246,8 +281,10 @@ def render_batch(
     done = manifest.done()
     pending = [item for item in items if item.key not in done]
     result.skipped = len(items) - len(pending)
-    with state.split_between_processes(pending) as share:
-        mine: list[RenderItem] = list(share)
+    mine: list[RenderItem] = pending
+    if shares_batch:
+        with state.split_between_processes(pending) as share:
+            mine = list(share)
 
     memory = PeakMemory(_execution_device(renderer.pipe))
     enabled = show_progress and state.is_main_process
@@ -259,23 +296,12 @@ def render_batch(
             memory.start()
             start = time.perf_counter()
             image = renderer(item, image_bar)
-            path = save_png(image, out / item.filename, renderer.params(item))
-            seconds = time.perf_counter() - start
-            record = ItemRecord(item, path, seconds, memory.peak_bytes(), renderer.uses_highres(item))
-            manifest.record(
-                {
-                    "key": item.key,
-                    "file": item.filename,
-                    "index": item.index,
-                    "prompt": item.prompt,
-                    "seed": item.seed,
-                    "width": item.width,
-                    "height": item.height,
-                    "seconds": round(seconds, 3),
-                    "peak_memory": record.peak_memory,
-                }
-            )
-            result.rendered.append(record)
+            if writes:
+                path = save_png(image, out / item.filename, renderer.params(item))
+                seconds = time.perf_counter() - start
+                record = ItemRecord(item, path, seconds, memory.peak_bytes(), renderer.uses_highres(item))
+                manifest.record(_manifest_entry(record))
+                result.rendered.append(record)
             overall.update(1)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -312,11 +338,12 @@ def summary_table(result: BatchResult) -> str:
     ]
     header = ("#", "file", "size", "high-res", "time", "peak memory")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = (
-        []
-        if result.num_processes == 1
-        else [f"process {result.process_index + 1} of {result.num_processes}:"]
-    )
+    if result.split_over > 1:
+        lines = [f"each image split over {result.split_over} processes:"]
+    elif result.num_processes > 1:
+        lines = [f"process {result.process_index + 1} of {result.num_processes}:"]
+    else:
+        lines = []
     lines += [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..denoisers import pipeline_adapter
+from ..parallel import enable_context_parallel
 from .batch import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -52,6 +53,9 @@ class RenderConfig:
         highres, stages, strengths, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
         on_error: ``"abort"`` or ``"skip"`` malformed prompt-file lines (and rows whose size
             the model cannot render).
+        parallel_degree: processes each image is split over by tokens (context parallelism, see
+            :func:`~lindiff.parallel.enable_context_parallel`); it must equal the number of
+            processes launched. 1: each process renders its own share of the batch.
     """
 
     out: str | os.PathLike = "renders"
@@ -76,6 +80,7 @@ class RenderConfig:
     strengths: tuple[float, ...] | None = None
     tile: bool | None = None
     on_error: OnError = "abort"
+    parallel_degree: int = 1
 
     def __post_init__(self) -> None:
         given = [name for name in ("prompt", "prompts", "reproduce") if getattr(self, name)]
@@ -87,6 +92,13 @@ class RenderConfig:
             raise ValueError(f"guidance must be non-negative, got {self.guidance}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if not isinstance(self.parallel_degree, int) or self.parallel_degree < 1:
+            raise ValueError(f"parallel_degree must be a positive integer, got {self.parallel_degree!r}")
+        if self.parallel_degree > 1 and self.offload:
+            raise ValueError(
+                "offload cannot be combined with parallel_degree > 1 (context parallelism keeps each "
+                "process's denoiser on its own device)"
+            )
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {self.on_error!r}")
         if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
@@ -98,8 +110,13 @@ class RenderConfig:
             self.strengths = tuple(float(s) for s in self.strengths)
 
 
-def _process_state(device: str) -> Any:
-    """The accelerate process state; CPU processes talk over gloo."""
+def _process_state(device: str, parallel_degree: int) -> Any:
+    """The accelerate process state (``torchrun`` or ``accelerate launch``); CPU processes talk over gloo.
+
+    Raises:
+        ValueError: accelerate set up fewer processes than were launched, or ``parallel_degree``
+            is not the number of processes.
+    """
     from accelerate import PartialState
 
     state = PartialState(cpu=resolve_device(device).type == "cpu")
@@ -108,6 +125,12 @@ def _process_state(device: str) -> Any:
         raise ValueError(
             f"launched as {launched} processes, but accelerate set up only one; without GPUs, launch "
             "with --cpu or ACCELERATE_USE_CPU=1 (each process would render every image otherwise)"
+        )
+    if parallel_degree > 1 and state.num_processes != parallel_degree:
+        raise ValueError(
+            f"--parallel-degree {parallel_degree} splits every image over {parallel_degree} processes, but "
+            f"{state.num_processes} {'was' if state.num_processes == 1 else 'were'} launched; run "
+            f"`torchrun --nproc-per-node {parallel_degree} -m lindiff.cli render ...`"
         )
     return state
 
@@ -192,6 +215,8 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
     Raises:
         ValueError: invalid arguments, prompt file, model or size (with what is allowed).
         FileNotFoundError: a missing prompt file or PNG, or the embedded model is not installed.
+        NotImplementedError: ``parallel_degree > 1`` with a method that cannot run on a shard of
+            the tokens.
         torch.OutOfMemoryError: the device ran out of memory.
     """
     recorded_hash = None
@@ -218,8 +243,8 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
             rows = [PromptRow(i, i + 1, text) for i, text in enumerate(config.prompt or [])]
             source = "--prompt"
 
-    state = _process_state(config.device)
-    # Under accelerate launch each process takes its own GPU.
+    state = _process_state(config.device, config.parallel_degree)
+    # Under a launcher each process takes its own GPU.
     device = str(state.device) if state.num_processes > 1 else config.device
     pipe = load_pipeline(
         options.model,
@@ -229,6 +254,8 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
         dtype=config.dtype,
         offload=config.offload,
     )
+    if config.parallel_degree > 1:
+        enable_context_parallel(pipe, config.parallel_degree)
     renderer = Renderer(pipe, options)
     if config.reproduce:
         check_size(pipe, item.height, item.width)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import traceback
@@ -33,8 +34,11 @@ from tiny_dit_models import flux_inputs, flux_transformer
 
 import lindiff
 import lindiff.parallel.exchange
+from lindiff.adapters.processors import call_mixer
 from lindiff.attention.base import Tokens
+from lindiff.attention.clear import ClearAttention
 from lindiff.attention.sana import SanaLinearAttention
+from lindiff.grid import TokenGrid
 from lindiff.kernels.linear_attention import (
     linear_attention,
     linear_attention_from_state,
@@ -135,6 +139,60 @@ def _case_sana_mixer() -> dict[str, float]:
     return {"output": max(_gather_floats((sharded - single[:, part]).abs().max().item()))}
 
 
+def _case_clear_mixer_video() -> dict[str, float]:
+    """CLEAR's mixer (float64) on a (3, 4, 5) video grid split unevenly over the processes: its
+    ball window crosses frames and its part starts mid-frame; text after the image, pooled
+    cells that pool repeated edge rows and columns (f = 3), length-aware scale; output and the
+    gradients of q, k, v and the pooling weight."""
+    generator = torch.Generator().manual_seed(5)
+    grid, text = (3, 4, 5), 5
+    num_image = math.prod(grid)
+    q, k, v = (
+        torch.randn(2, num_image + text, 2, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    mixer = ClearAttention(radius=2, down_factor=3, train_tokens=16).double()
+    with torch.no_grad():
+        mixer.spatial_weight.copy_(torch.rand(3, 3, generator=generator))
+    source = TokenGrid()
+    source.set_tokens(*grid)
+    weights = torch.randn(2, num_image + text, 2, 8, generator=generator, dtype=torch.float64)
+    inputs = (q, k, v, mixer.spatial_weight)
+    single = mixer(q, k, v, Tokens(image=slice(0, num_image), source=source))
+    single_grads = torch.autograd.grad((single * weights).sum(), inputs)
+    group = dist.group.WORLD
+    shard = SequenceShard(group=group, rank=dist.get_rank(group), world_size=WORLD, uneven=True)
+    image, own_text = shard.part(num_image), shard.part(text)
+    index = torch.cat(
+        [torch.arange(image.start, image.stop), num_image + torch.arange(own_text.start, own_text.stop)]
+    )
+    tokens = Tokens(image=slice(0, image.stop - image.start), source=source, shard=shard)
+    sharded = mixer(q[:, index], k[:, index], v[:, index], tokens)
+    sharded_grads = torch.autograd.grad((sharded * weights[:, index]).sum(), inputs)
+    grads = []
+    for grad, expected in zip(sharded_grads, single_grads, strict=True):
+        dist.all_reduce(grad)
+        grads.append((grad - expected).abs().max().item())
+    return {
+        "output": max(_gather_floats((sharded - single[:, index]).abs().max().item())),
+        "grads": max(_gather_floats(max(grads))),
+        "grad_scale": max(grad.abs().max().item() for grad in single_grads),
+        "num_grads": len(grads),
+    }
+
+
+def _case_clear_whole_grid() -> dict[str, float]:
+    """A CLEAR radius beyond the grid's diagonal is full attention: the sharded converted model
+    equals the unconverted model on one process (each process's window reaches the other's rows)."""
+    inputs = _inputs(8, 8)
+    base = flux_transformer()
+    softmax = base(**inputs, return_dict=False)[0]
+    model = lindiff.linearize(copy.deepcopy(base), "clear", radius=12)
+    model.enable_parallelism(config=ParallelConfig(context_parallel_config=ULYSSES))
+    sharded = model(**inputs, return_dict=False)[0]
+    return {"output": (sharded - softmax).abs().max().item(), "scale": softmax.abs().max().item()}
+
+
 def _gather_floats(value: float) -> list[float]:
     found = [0.0] * WORLD
     dist.all_gather_object(found, value)
@@ -194,7 +252,22 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
         ContextParallelConfig(ulysses_degree=2, ulysses_anything=True),
     ),
     "sana_mixer": _case_sana_mixer,
-    "clear": lambda: _sharded_vs_single(_model("clear", radius=2), _inputs(8, 8), ULYSSES),
+    "clear": lambda: _sharded_vs_single(_model("clear", radius=2), _inputs(8, 8), ULYSSES, grads=True),
+    "clear_pooled": lambda: _sharded_vs_single(
+        _model("clear", radius=2, down_factor=2), _inputs(8, 8), ULYSSES
+    ),
+    "clear_ring_length_aware": lambda: _sharded_vs_single(
+        _model("clear", radius=2, down_factor=2, train_tokens=16),
+        _inputs(8, 8),
+        ContextParallelConfig(ring_degree=2),
+    ),
+    "clear_uneven": lambda: _sharded_vs_single(
+        _model("clear", radius=2, down_factor=2),
+        _inputs(5, 3, text=7),
+        ContextParallelConfig(ulysses_degree=2, ulysses_anything=True),
+    ),
+    "clear_whole_grid": _case_clear_whole_grid,
+    "clear_mixer_video": _case_clear_mixer_video,
     "linearize_after_enable": _case_linearize_after_enable,
 }
 
@@ -258,9 +331,40 @@ def test_uneven_split_needs_anything_mode(results):
     assert "divisible by mesh size" in results["linfusion_uneven_without_anything"]["error"]
 
 
-def test_unsupported_method_raises(results):
-    error = results["clear"]["error"]
-    assert error.startswith("NotImplementedError") and "'clear'" in error and "issue 32" in error
+@pytest.mark.parametrize(
+    "case",
+    [
+        "clear",
+        "clear_pooled",
+        "clear_ring_length_aware",
+        "clear_uneven",
+        "clear_whole_grid",
+        "clear_mixer_video",
+    ],
+)
+def test_clear_matches_single_process(results, case):
+    """CLEAR's window (halo rows from the other process), text and pooled tokens, length-aware
+    scale: outputs (and, where recorded, gradients) equal the single-process ones.
+    ``clear_uneven`` splits a 5 x 3 grid mid-row with 7 text tokens; ``clear_whole_grid`` (radius
+    beyond the diagonal) equals the unconverted softmax model; ``clear_mixer_video`` runs the mixer
+    on a (3, 4, 5) video grid."""
+    result = _ok(results, case)
+    assert result["output"] < TOLERANCE
+    if "grads" in result:
+        assert result["num_grads"] > 0 and result["grads"] < TOLERANCE * max(1.0, result["grad_scale"])
+
+
+def test_unsupported_method_raises():
+    """A mixer without context-parallel support is refused on a shard, not run on it alone."""
+
+    class ShardLocal(SanaLinearAttention):
+        method_name = "shard_local"
+        context_parallel = False
+
+    shard = SequenceShard(group=None, rank=0, world_size=2)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(NotImplementedError, match=r"'shard_local'.*issue 32"):
+        call_mixer(ShardLocal(eps=1e-15), q, q, q, Tokens(image=slice(0, 4), shard=shard))
 
 
 def test_linearize_and_restore_work_in_either_order_with_enable_parallelism(results):

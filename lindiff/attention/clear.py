@@ -27,6 +27,29 @@ The window is computed by :func:`lindiff.kernels.local_attention`, which builds 
 the grid of each call (no global mask), so any resolution works without re-initialisation.
 Released CLEAR checkpoints load with ``lindiff.linearize(pipe, "clear", weights=path)`` (see
 :mod:`lindiff.clear_format`).
+
+Under diffusers' context parallelism (``tokens.shard``) each process holds a run of the text
+tokens and of the row-major image tokens, and computes exactly what one process would:
+
+- the text queries, keys and values are all-gathered (every image query sees every text key);
+- image queries attend to a box of whole grid rows, ``floor(radius)`` rows (and frames, on
+  video) beyond the process's tokens, fetched from the neighbours
+  (:func:`lindiff.parallel.local_attention_sharded`);
+- pooled keys and values: each process pools its own tokens (zeros elsewhere) over the cells
+  they touch, in float32 (at least), and the processes all-reduce the pooled grid (sum);
+- text queries attend over each process's own text and image keys; the processes merge the
+  parts through their log-sum-exps (:func:`lindiff.parallel.attention_over_shards`);
+- the length-aware scale counts every process's keys.
+
+Collective sizes per process and layer (all-gathers: what a process receives; all-reduces: the
+reduced tensor), with ``P`` processes, batch ``B``, ``H`` heads of width ``D`` (values ``D_v``),
+``e`` bytes per element, ``M`` text tokens, a grid ``(T, H_g, W)`` and ``R = floor(radius)``:
+text ``P * ceil(M / P) * B * H * (2D + D_v) * e`` (and ``8P`` for the lengths); window halo at
+most ``P * 2 * (R + 1) * W * B * H * (D + D_v) * e`` on images (about ``R`` whole frames each
+side on video); pooled grid ``T * ceil(H_g/f) * ceil(W/f) * B * H * (D + D_v) * 4``; text-query
+merge ``B * M * H * (D_v + 2) * 4``. Compute: the box's halo rows of
+queries are computed and discarded (``2R`` rows per process); text queries keep
+``B * H * M * n`` float32 probabilities for backward (``n``: the process's keys).
 """
 
 from __future__ import annotations
@@ -42,6 +65,14 @@ from torch import nn
 from lindiff.kernels import local_attention
 
 from ..grid import GridShape
+from ..parallel import (
+    GridBox,
+    SequenceShard,
+    all_reduce_sum,
+    attention_over_shards,
+    gather_sequence,
+    local_attention_sharded,
+)
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
 
 POOLED_KEY_FACTOR = 10
@@ -134,6 +165,31 @@ def pool_tokens(x: torch.Tensor, grid: GridShape, weight: torch.Tensor) -> torch
     return pooled.reshape(batch, frames * rows * cols, heads, dim)
 
 
+def pool_tokens_sharded(
+    x: torch.Tensor, shard: SequenceShard, grid: GridShape, weight: torch.Tensor
+) -> torch.Tensor:
+    """:func:`pool_tokens` of the whole grid from this process's part ``x`` ``(B, n, heads, D)`` of it.
+
+    Pooling is linear in the tokens, so the whole grid's pooling is the sum over processes of each
+    one's pooling with zeros in place of the other processes' tokens. Each process pools only the
+    box of whole cell rows its tokens touch (edge rows repeated as :func:`pool_tokens` does), in
+    float32 at least, places it in the pooled grid and all-reduces. Returns
+    ``(B, T * ceil(H/f) * ceil(W/f), heads, D)`` in the dtype of ``x``.
+    """
+    frames, height, width = grid
+    factor = weight.shape[-1]
+    part = shard.part(frames * height * width)
+    box = GridBox.around(part, grid, reach=0, align=factor)
+    own = box.locate(part)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    filled = F.pad(x.to(dtype), (0, 0, 0, 0, own.start, box.size - own.stop))
+    pooled = pool_tokens(filled, box.shape, weight)
+    rows, cols = -(-height // factor), -(-width // factor)
+    start = (box.frames.start * rows + box.rows.start // factor) * cols
+    pooled = F.pad(pooled, (0, 0, 0, 0, start, frames * rows * cols - start - pooled.shape[1]))
+    return all_reduce_sum(pooled, shard).to(x.dtype)
+
+
 class ClearAttention(TokenMixer):
     """What CLEAR adds to one layer: local window attention, and the pooling weight if any.
 
@@ -145,6 +201,7 @@ class ClearAttention(TokenMixer):
     """
 
     method_name = "clear"
+    context_parallel = True
 
     def __init__(self, radius: float, down_factor: int | None, train_tokens: int | None = None) -> None:
         super().__init__()
@@ -171,8 +228,11 @@ class ClearAttention(TokenMixer):
         """``q, k`` ``(B, N, H, D)``, ``v`` ``(B, N, H, D_v)`` with image tokens at ``tokens.image``; returns ``(B, N, H, D_v)``.
 
         Image queries: softmax over the image keys in the window, the text keys and the pooled
-        tokens. Text queries: softmax over all text and image keys. Scale: :meth:`scale`.
+        tokens. Text queries: softmax over all text and image keys. Scale: :meth:`scale`. Under
+        context parallelism (``tokens.shard``): over every process's keys (:meth:`forward_sharded`).
         """
+        if tokens.shard is not None:
+            return self.forward_sharded(q, k, v, tokens)
         image = tokens.image
         has_text = image.start > 0 or image.stop < q.shape[1]
         grid = tokens.grid
@@ -200,6 +260,41 @@ class ClearAttention(TokenMixer):
         text_out = F.scaled_dot_product_attention(
             text_parts(q, image).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
         ).transpose(1, 2)
+        before = image.start
+        return torch.cat([text_out[:, :before], out, text_out[:, before:]], dim=1)
+
+    def forward_sharded(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens
+    ) -> torch.Tensor:
+        """:meth:`forward` on this process's part of the sequence (``tokens.shard``; see the module
+        docstring): ``q, k`` ``(B, n, H, D)``, ``v`` ``(B, n, H, D_v)``; returns ``(B, n, H, D_v)``."""
+        image, shard, grid = tokens.image, tokens.shard, tokens.grid
+        dim = q.shape[-1]
+        text, own_text = gather_sequence(text_parts(torch.cat([q, k, v], dim=-1), image), shard)
+        q_text, k_text, v_text = text.split([dim, dim, v.shape[-1]], dim=-1)
+        scale = self.scale(text.shape[1] + tokens.total_image, dim)
+        k_image, v_image = k[:, image], v[:, image]
+        global_k, global_v = [k_text], [v_text]
+        if self.spatial_weight is not None:
+            pooled = pool_tokens_sharded(
+                torch.cat([k_image, v_image], dim=-1), shard, grid, self.spatial_weight
+            )
+            global_k.append(pooled[..., :dim])
+            global_v.append(pooled[..., dim:])
+        global_kv = (torch.cat(global_k, dim=1), torch.cat(global_v, dim=1))
+        out = local_attention_sharded(
+            q[:, image],
+            k_image,
+            v_image,
+            shard,
+            grid,
+            radius=closed_radius(self.radius),
+            global_kv=global_kv if global_kv[0].shape[1] else None,
+            scale=scale,
+        )
+        if text.shape[1] == 0:
+            return out
+        text_out = attention_over_shards(q_text, k, v, shard, scale)[:, own_text]
         before = image.start
         return torch.cat([text_out[:, :before], out, text_out[:, before:]], dim=1)
 

@@ -9,26 +9,41 @@ what one process would:
 - linear methods (linfusion, lit, sana) all-reduce their float32 state ``[S | z]``
   (:func:`linear_attention_sharded`): bytes per layer independent of the resolution;
 - LiT's depthwise convolution fetches the neighbouring grid rows it needs (:func:`rows_around`);
+- CLEAR's window attention fetches the keys within its radius (:func:`local_attention_sharded`,
+  :func:`box_around`), gathers the text tokens (:func:`gather_sequence`) and merges the text
+  queries' attention over every process's keys (:func:`attention_over_shards`);
 - methods that cannot yet run sharded raise (:func:`not_supported`) instead of attending over
   their shard alone.
 
 Files: ``shards.py`` (where a rank's tokens sit), ``exchange.py`` (the collectives),
-``rows.py`` (grid-row halos), ``linear.py`` (linear attention over shards).
+``rows.py`` (grid-row halos), ``linear.py`` (linear attention over shards), ``softmax.py``
+(local and replicated-query softmax attention over shards), ``pipeline.py``
+(:func:`enable_context_parallel`: a whole pipeline split over the processes of a launch).
 """
 
 from __future__ import annotations
 
-from .exchange import all_gather, all_reduce_sum, neighbour_tokens
+from .exchange import all_gather, all_reduce_max, all_reduce_sum, gather_sequence, neighbour_tokens
 from .linear import linear_attention_sharded
-from .rows import RowBlock, rows_around
+from .pipeline import context_parallel_degree, enable_context_parallel
+from .rows import GridBox, RowBlock, box_around, rows_around
 from .shards import SequenceShard, not_supported, shard_of
+from .softmax import attention_over_shards, local_attention_sharded
 
 __all__ = [
+    "GridBox",
     "RowBlock",
     "SequenceShard",
     "all_gather",
+    "all_reduce_max",
     "all_reduce_sum",
+    "attention_over_shards",
+    "box_around",
+    "context_parallel_degree",
+    "enable_context_parallel",
+    "gather_sequence",
     "linear_attention_sharded",
+    "local_attention_sharded",
     "neighbour_tokens",
     "not_supported",
     "rows_around",

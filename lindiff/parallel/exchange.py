@@ -28,6 +28,14 @@ def all_reduce_sum(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The elementwise maximum of ``x`` over the processes of ``shard.group``, without gradient (a
+    constant: callers use it as a shift that cancels out, like a softmax's maximum)."""
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=shard.group)
+    return x
+
+
 def all_gather(x: torch.Tensor, shard: SequenceShard) -> list[torch.Tensor]:
     """Every process's ``x`` (same shape on all), in rank order."""
     x = x.contiguous()
@@ -36,6 +44,29 @@ def all_gather(x: torch.Tensor, shard: SequenceShard) -> list[torch.Tensor]:
     out = [torch.empty_like(x) for _ in range(shard.world_size)]
     dist.all_gather(out, x, group=shard.group)
     return out
+
+
+def gather_sequence(x: torch.Tensor, shard: SequenceShard) -> tuple[torch.Tensor, slice]:
+    """A sequence from every process's part of it, the parts in rank order.
+
+    Parts may differ in length, as in diffusers' ``*_anything`` splits (the lengths are gathered
+    first, then the parts padded to the longest).
+
+    Args:
+        x: this process's part ``(B, n, ...)``; ``B`` and the trailing dims are the same on all.
+
+    Returns:
+        The whole sequence ``(B, N, ...)`` and where this process's part sits in it.
+    """
+    sizes = [int(size) for size in torch.cat(all_gather(torch.tensor([x.shape[1]], device=x.device), shard))]
+    start = sum(sizes[: shard.rank])
+    own = slice(start, start + x.shape[1])
+    longest = max(sizes)
+    if longest == 0:
+        return x, own
+    pad = (0, 0) * (x.ndim - 2) + (0, longest - x.shape[1])
+    slabs = all_gather(F.pad(x, pad), shard)
+    return torch.cat([slab[:, :size] for slab, size in zip(slabs, sizes, strict=True)], dim=1), own
 
 
 def neighbour_tokens(
