@@ -120,9 +120,22 @@ def check_restorable(role: str, model: nn.Module) -> None:
 
     Raises:
         ValueError: projections changed since `linearize` (outside lindiff, or cast to a dtype not
-            in :data:`lindiff.state.FINGERPRINT_DTYPES`) with no backup of the teacher's values.
+            in :data:`lindiff.state.FINGERPRINT_DTYPES`) with no backup of the teacher's values; or,
+            under context parallelism, an original processor that cannot run on a shard of the
+            tokens (diffusers' older processors call SDPA on the shard alone).
     """
     state = get_state(model)
+    config = getattr(model, "_parallel_config", None)
+    if state is not None and getattr(config, "context_parallel_config", None) is not None:
+        unaware = [n for n, p in state.original_processors.items() if not hasattr(p, "_parallel_config")]
+        if unaware:
+            processor = type(state.original_processors[unaware[0]]).__name__
+            raise ValueError(
+                f"cannot restore {role} ({type(model).__name__}) under context parallelism: its original "
+                f"processor {processor} ({len(unaware)} layers, e.g. {unaware[0]}) would attend over this "
+                "process's shard of the tokens alone. Nothing was restored; restore before "
+                "enable_parallelism, or load the model again"
+            )
     lost = [] if state is None else state.unrestorable_projections()
     if not lost:
         return

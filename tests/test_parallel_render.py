@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tiny_dit_models
 import tiny_models
+import tiny_video_models
 import torch
 from accelerate import PartialState
 from PIL import Image
@@ -166,7 +167,8 @@ def test_a_method_that_cannot_run_sharded_is_a_one_line_error(flux_model, tmp_pa
     ("make", "message"),
     [
         (tiny_models.sd_pipeline, "UNets have no sequence plan in diffusers"),
-        (tiny_dit_models.pixart_pipeline, "has no context-parallel plan"),
+        (tiny_video_models.cogvideox_pipeline, "has no context-parallel plan"),
+        (tiny_dit_models.pixart_pipeline, "knows nothing of context parallelism"),
         (tiny_dit_models.flux_controlnet_pipeline, "ControlNets have no context-parallel plan"),
     ],
 )

@@ -7,6 +7,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -24,6 +25,10 @@ PixArt's resolution and aspect ratio)."""
 
 PIPELINE_PIXEL_MULTIPLE = 8
 """What diffusers' pipelines require of every height and width (their ``check_inputs``)."""
+SPLIT_TOKENS_OUT = {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)}
+"""Context-parallel plan entry of a module whose output ``(B, N, C)`` is split along the tokens."""
+GATHER_TOKENS_OUT = ContextParallelOutput(gather_dim=1, expected_dims=3)
+"""Context-parallel plan entry of a module whose output ``(B, N_shard, C)`` is gathered along the tokens."""
 
 
 class ModelAdapter:
@@ -43,6 +48,8 @@ class ModelAdapter:
     controlnets: ClassVar[tuple[type[nn.Module], ...]] = ()
     pipeline_pixel_multiple: ClassVar[int] = PIPELINE_PIXEL_MULTIPLE
     """What the family's diffusers pipelines require of every height and width (px)."""
+    frame_rate: ClassVar[int] = 16
+    """Frames per second a video of the family is written at unless told otherwise (video families)."""
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
@@ -72,6 +79,17 @@ class ModelAdapter:
         if layer.kind != "self":
             raise NotImplementedError(f"{type(self).__name__} has no processor for {layer.kind!r} layers")
         return SelfAttnProcessor()
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any] | None:
+        """diffusers' context-parallel plan (``_cp_plan`` format: module name -> its
+        ``ContextParallelInput``s or ``ContextParallelOutput``) that splits ``model``'s tokens, for
+        a model class that has none; ``None`` (the default): the class's own ``_cp_plan``, if any.
+
+        A family that supplies one splits the tokens where they are still ``(B, N, C)`` and gathers
+        them before they are un-patched; its self-attention must run lindiff processors, as
+        diffusers' own processors of classes without a plan attend over their shard alone.
+        """
+        return None
 
     # Rendering: the sizes a pipeline of this family can render, and how its latents are laid out.
 
@@ -108,6 +126,47 @@ class ModelAdapter:
         """Latents ``(B, C, H, W)`` in the layout the family's pipelines denoise (unchanged by default)."""
         return latents
 
+    # Video: the frame counts a pipeline of this family renders, and its video-to-video pipeline.
+
+    def frame_multiple(self, pipe: Any) -> int | None:
+        """``None`` when ``pipe`` renders images; for a video pipeline (one that takes ``num_frames``),
+        ``m`` such that it renders ``k * m + 1`` frames: its VAE's temporal factor (the pipeline's
+        ``vae_scale_factor_temporal``, else 1), the first frame kept."""
+        if not accepts(pipe, "num_frames"):
+            return None
+        return int(getattr(pipe, "vae_scale_factor_temporal", 1))
+
+    def resolve_frames(self, pipe: Any, num_frames: int | None) -> int | None:
+        """The frames ``pipe`` renders for ``num_frames``: ``None`` for an image pipeline; for a video
+        pipeline ``num_frames``, or the pipeline's default ``num_frames`` when ``None``.
+
+        Raises:
+            ValueError: frames asked of an image pipeline, or a count the video pipeline cannot
+                render (the message gives the nearest valid ones).
+        """
+        multiple = self.frame_multiple(pipe)
+        if multiple is None:
+            if num_frames is not None:
+                raise ValueError(
+                    f"frames={num_frames!r}: {type(pipe).__name__} renders images; leave frames unset"
+                )
+            return None
+        if num_frames is None:
+            return int(call_default(pipe, "num_frames"))
+        counted = isinstance(num_frames, int) and not isinstance(num_frames, bool) and num_frames >= 1
+        if not counted or (num_frames - 1) % multiple:
+            below = (num_frames - 1) // multiple * multiple + 1 if counted else 1
+            raise ValueError(
+                f"frames={num_frames!r}: {type(pipe).__name__} renders {multiple}k + 1 frames "
+                f"(1, {multiple + 1}, {2 * multiple + 1}, ...); nearest valid: {below} or {below + multiple}"
+            )
+        return num_frames
+
+    def video_to_video(self, pipe: Any) -> type | None:
+        """The diffusers video-to-video pipeline class that refines ``pipe``'s videos (SDEdit, with a
+        ``video`` and a ``strength``), or ``None`` when the family has none."""
+        return None
+
     # Distillation: what the trainer feeds the teacher and the student.
 
     @classmethod
@@ -129,6 +188,32 @@ class ModelAdapter:
         """What ``pipe(output_type="latent")`` returns -> latents ``(B, C, height, width)`` (the inverse
         of :meth:`pack_latents`; unchanged by default)."""
         return latents
+
+    def check_distillation(self, pipe: Any, num_frames: int | None) -> None:
+        """Raise ``ValueError`` unless distillation can sample ``pipe`` with ``num_frames`` frames per
+        sample (``None``: images, all that an image family takes)."""
+        if num_frames is not None:
+            raise ValueError(
+                f"num_frames={num_frames!r}: {type(pipe).__name__} renders images; leave num_frames None"
+            )
+
+    def frame_options(self, num_frames: int | None) -> dict[str, Any]:
+        """Arguments of a ``pipe(...)`` call for ``num_frames`` frames per sample (none for images)."""
+        return {}
+
+    def latent_shape(self, pipe: Any, size: int, num_frames: int | None) -> tuple[int, ...]:
+        """The latent grid ``(h, w)`` of a ``size`` px square sample (video families: ``(f, h, w)``)."""
+        side = size // int(getattr(pipe, "vae_scale_factor", PIPELINE_PIXEL_MULTIPLE))
+        return side, side
+
+    def sampled_latents(self, output: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        """The latents ``(B, C, *shape)`` of a ``pipe(output_type="latent")`` call's ``output``."""
+        return self.unpack_latents(output.images, *shape)
+
+    def sampled_images(self, output: Any) -> list[Any]:
+        """One PIL image per sample of a ``pipe(output_type="pil")`` call's ``output`` (video: its
+        first frame)."""
+        return list(output.images)
 
     def encode_prompts(
         self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
@@ -222,3 +307,39 @@ class LatentGridAdapter(ModelAdapter):
 
     def latent_multiple(self, denoiser: nn.Module) -> int:
         return int(denoiser.config.get("patch_size") or 1)
+
+
+class VideoAdapter(ModelAdapter):
+    """A video family whose pipelines take ``num_frames`` and return ``.frames``, with latents
+    ``(B, C, F, H, W)``: ``F = (num_frames - 1) / t + 1`` for the VAE's temporal factor ``t``
+    (its first frame kept), and ``num_frames`` a multiple of ``t`` plus one.
+
+    ``t`` is :meth:`frame_multiple`. A family whose pipeline names these differently, or packs its
+    latents, overrides :meth:`frame_multiple`, :meth:`spatial_factor` or :meth:`sampled_latents`.
+    """
+
+    def spatial_factor(self, pipe: Any) -> int:
+        """Pixels per latent pixel (the pipeline's ``vae_scale_factor_spatial``)."""
+        return int(pipe.vae_scale_factor_spatial)
+
+    def check_distillation(self, pipe: Any, num_frames: int | None) -> None:
+        step = self.frame_multiple(pipe) or 1
+        if num_frames is None or (num_frames - 1) % step:
+            raise ValueError(
+                f"num_frames={num_frames!r}: {type(pipe).__name__} renders videos, so distillation needs "
+                f"the frames of each teacher sample as {step}k + 1 (e.g. {2 * step + 1}); "
+                "image folders cannot train a video family"
+            )
+
+    def frame_options(self, num_frames: int | None) -> dict[str, Any]:
+        return {"num_frames": num_frames}
+
+    def latent_shape(self, pipe: Any, size: int, num_frames: int | None) -> tuple[int, ...]:
+        side = size // self.spatial_factor(pipe)
+        return (num_frames - 1) // (self.frame_multiple(pipe) or 1) + 1, side, side
+
+    def sampled_latents(self, output: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        return output.frames
+
+    def sampled_images(self, output: Any) -> list[Any]:
+        return [frames[0] for frames in output.frames]

@@ -10,7 +10,15 @@ from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import Batch, LatentGridAdapter, MicroConditions, attn1_layers, micro_tensor
+from .base import (
+    GATHER_TOKENS_OUT,
+    SPLIT_TOKENS_OUT,
+    Batch,
+    LatentGridAdapter,
+    MicroConditions,
+    attn1_layers,
+    micro_tensor,
+)
 
 
 class PixArtAdapter(LatentGridAdapter):
@@ -19,6 +27,10 @@ class PixArtAdapter(LatentGridAdapter):
 
     The grid is the latent ``hidden_states`` ``(B, C, H, W)`` over ``config.patch_size``.
     Distillation feeds PixArt-alpha's resolution and aspect-ratio conditions when the model uses them.
+
+    Context parallelism (diffusers has no plan for PixArt) splits the image tokens leaving
+    ``pos_embed`` and gathers them leaving ``proj_out``; the text is not split, so each process's
+    image queries cross-attend to every text token.
     """
 
     name = "pixart"
@@ -26,6 +38,9 @@ class PixArtAdapter(LatentGridAdapter):
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         return attn1_layers(model, grid)
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any]:
+        return {"pos_embed": SPLIT_TOKENS_OUT, "proj_out": GATHER_TOKENS_OUT}
 
     def encode_prompts(
         self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions

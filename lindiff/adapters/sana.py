@@ -6,12 +6,24 @@ from typing import Any
 
 import torch
 from diffusers import SanaControlNetModel, SanaTransformer2DModel
+from diffusers.models._modeling_parallel import ContextParallelInput
 from torch import nn
 
 from ..attention.base import LayerInfo
 from ..grid import TokenGrid
-from .base import Batch, LatentGridAdapter, MicroConditions, attn1_layers, call_default
+from .base import (
+    GATHER_TOKENS_OUT,
+    SPLIT_TOKENS_OUT,
+    Batch,
+    LatentGridAdapter,
+    MicroConditions,
+    attn1_layers,
+    call_default,
+)
 from .processors import SelfAttnProcessor
+
+SPLIT_ROWS_OUT = {0: ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)}
+"""Context-parallel plan entry of a module whose output ``(B, C, H, W)`` is split by rows."""
 
 
 class SanaSelfAttnProcessor(SelfAttnProcessor):
@@ -30,6 +42,14 @@ class SanaAdapter(LatentGridAdapter):
     does by default when it samples (Gemma with its complex human instruction, padded to
     ``max_sequence_length`` tokens with an attention mask) and scales timesteps by
     ``config.timestep_scale`` as the pipeline does.
+
+    Context parallelism (diffusers has no plan for SANA) splits the image tokens leaving
+    ``patch_embed`` and gathers them leaving ``proj_out``; the text is not split. Each block's
+    Mix-FFN (``ff``) convolves the token grid 3 x 3, so the plan gathers the tokens leaving ``norm2``
+    and splits the FFN's output ``(B, C, H, W)`` by rows: the FFN runs on the whole image in every
+    process (attention is what the split saves), the latent height in tokens must divide by the
+    processes, and gradients through the FFN are not exact (diffusers' gather keeps only this
+    process's part of the gradient); inference only.
     """
 
     name = "sana"
@@ -42,6 +62,16 @@ class SanaAdapter(LatentGridAdapter):
 
     def processor(self, layer: LayerInfo) -> SanaSelfAttnProcessor:
         return SanaSelfAttnProcessor()
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(model, self.models):
+            return None
+        return {
+            "patch_embed": SPLIT_TOKENS_OUT,
+            "transformer_blocks.*.norm2": GATHER_TOKENS_OUT,
+            "transformer_blocks.*.ff": SPLIT_ROWS_OUT,
+            "proj_out": GATHER_TOKENS_OUT,
+        }
 
     def encode_prompts(
         self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions

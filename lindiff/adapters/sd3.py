@@ -11,7 +11,14 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
-from .base import Batch, LatentGridAdapter, MicroConditions, tensor_argument
+from .base import (
+    GATHER_TOKENS_OUT,
+    SPLIT_TOKENS_OUT,
+    Batch,
+    LatentGridAdapter,
+    MicroConditions,
+    tensor_argument,
+)
 from .processors import (
     SelfAttnProcessor,
     call_mixer,
@@ -82,6 +89,12 @@ class SD3Adapter(LatentGridAdapter):
     text stream are image self-attention (kind ``"self"``). The grid is the latent
     ``hidden_states`` ``(B, C, H, W)`` (ControlNets: ``controlnet_cond`` when ``hidden_states`` is
     already patched) over ``config.patch_size``.
+
+    Context parallelism (diffusers has no plan for SD3) splits the image tokens leaving ``pos_embed``
+    and the text tokens leaving ``context_embedder`` (each text token on one process, as the
+    joint attention's mixers expect: FLUX's plan splits its text too) and gathers the image
+    leaving ``proj_out``; both lengths must divide by the processes (SD3's 333 text tokens need
+    ``uneven=True``). ControlNets get no plan.
     """
 
     name = "sd3"
@@ -106,6 +119,15 @@ class SD3Adapter(LatentGridAdapter):
 
     def processor(self, layer: LayerInfo) -> JointAttnProcessor | SelfAttnProcessor:
         return JointAttnProcessor() if layer.kind == "joint" else SelfAttnProcessor()
+
+    def context_parallel_plan(self, model: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(model, self.models):
+            return None
+        return {
+            "pos_embed": SPLIT_TOKENS_OUT,
+            "context_embedder": SPLIT_TOKENS_OUT,
+            "proj_out": GATHER_TOKENS_OUT,
+        }
 
     def encode_prompts(
         self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions

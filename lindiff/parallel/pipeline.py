@@ -9,9 +9,12 @@ each process runs::
 
 and every process gets the same image, each having held ``1/N`` of its tokens. The call is
 diffusers' own ``model.enable_parallelism(config=ParallelConfig(context_parallel_config=...))`` on
-the pipeline's denoiser, with the checks that make it safe for a lindiff model: the family has a
-sequence plan (``_cp_plan``; FLUX among lindiff's families, UNets never), every converted layer
-can run sharded, and the process group exists.
+the pipeline's denoiser, with the checks that make it safe for a lindiff model: the model has a
+sequence plan (the class's ``_cp_plan``, else its family adapter's
+:meth:`~lindiff.adapters.ModelAdapter.context_parallel_plan`: PixArt, SD3, SANA; UNets never),
+every self-attention layer exchanges what it needs (diffusers' processors of the classes without a
+``_cp_plan`` do not, so those models are linearized first), every converted layer can run
+sharded, and the process group exists.
 
 CPU processes (gloo): diffusers 0.42's ``ModelMixin._resolve_parallel_config`` places each rank on
 ``torch.device(accelerator, rank % torch.accelerator.device_count())``, which divides by zero where
@@ -29,13 +32,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .shards import not_supported
+
+if TYPE_CHECKING:
+    from ..adapters import ModelAdapter
 
 # lindiff's attention layers import this package (for SequenceShard), so the modules that know
 # models and pipelines (adapters, attention, denoisers) are imported where they are used.
@@ -65,19 +71,42 @@ def _denoiser(pipe_or_model: Any) -> nn.Module:
     return unwrap(main_denoiser(pipe_or_model))
 
 
-def _is_unet(model: nn.Module) -> bool:
+def _adapter(model: nn.Module) -> ModelAdapter | None:
+    """``model``'s lindiff family adapter, or ``None`` for a model of no lindiff family."""
     from ..adapters import adapter_for
 
     try:
-        return adapter_for(model).role == "unet"
+        return adapter_for(model)
     except TypeError:  # not a lindiff family; diffusers may still have a plan for it
-        return False
+        return None
 
 
-def _check_plan(model: nn.Module, cp_plan: dict[str, Any] | None) -> None:
+def _families_with_plan() -> list[str]:
+    """lindiff's families whose denoisers can be split: diffusers' plan, or the adapter's."""
+    from ..adapters import FAMILIES, ModelAdapter
+
+    return [
+        name
+        for name in FAMILIES
+        if FAMILIES.get(name).context_parallel_plan is not ModelAdapter.context_parallel_plan
+        or any(getattr(model, "_cp_plan", None) is not None for model in FAMILIES.get(name).models)
+    ]
+
+
+def _plan(model: nn.Module, cp_plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan to split ``model`` by: ``cp_plan``, else ``None`` where the class has its own
+    ``_cp_plan`` (diffusers uses it), else the family adapter's.
+
+    Raises:
+        ValueError: none of these exists (every UNet, and families without a plan).
+    """
     if cp_plan is not None or getattr(type(model), "_cp_plan", None) is not None:
-        return
-    if _is_unet(model):
+        return cp_plan
+    adapter = _adapter(model)
+    plan = None if adapter is None else adapter.context_parallel_plan(model)
+    if plan is not None:
+        return plan
+    if adapter is not None and adapter.role == "unet":
         raise ValueError(
             f"{type(model).__name__}: UNets have no sequence plan in diffusers (their convolutions, down- "
             "and up-sampling need the whole latent), so a UNet pipeline cannot split an image over "
@@ -86,10 +115,31 @@ def _check_plan(model: nn.Module, cp_plan: dict[str, Any] | None) -> None:
     import diffusers
 
     raise ValueError(
-        f"{type(model).__name__} has no context-parallel plan (`_cp_plan`) in diffusers {diffusers.__version__}; "
-        "among lindiff's families FLUX has one. Pass cp_plan= (diffusers' ContextParallelInput/Output "
-        "per module) to split another model"
+        f"{type(model).__name__} has no context-parallel plan (`_cp_plan`) in diffusers {diffusers.__version__} "
+        f"nor in lindiff; lindiff's families with one: {', '.join(_families_with_plan())}. Pass cp_plan= "
+        "(diffusers' ContextParallelInput/Output per module) to split another model"
     )
+
+
+def _check_attention(model: nn.Module) -> None:
+    """Raise ``ValueError`` when a self-attention layer would attend over its shard alone: its
+    processor does not take diffusers' context-parallel config (diffusers' processors of the
+    classes without a ``_cp_plan``, such as PixArt's, SD3's and SANA's ``attn1``). Cross-attention
+    is exact on a shard: its keys are the text, which those plans do not split."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    for name, module in model.named_modules():
+        if not isinstance(module, (Attention, AttentionModuleMixin)):
+            continue
+        processor = getattr(module, "processor", None)
+        cross = getattr(module, "is_cross_attention", False)
+        if processor is not None and not cross and not hasattr(processor, "_parallel_config"):
+            raise ValueError(
+                f"{type(model).__name__}.{name} runs {type(processor).__name__}, which knows nothing of context "
+                "parallelism and would attend over this process's tokens alone; lindiff.linearize() the "
+                "model first (its converted layers exchange what they need), then enable context parallelism"
+            )
 
 
 def _check_mixers(model: nn.Module) -> None:
@@ -170,7 +220,9 @@ def enable_context_parallel(
 
     Call it in every process of the launch, after moving the pipeline to this process's device
     (``cuda:LOCAL_RANK``, or the CPU) and before or after :func:`lindiff.linearize` (either order
-    works). The processes must then make the same calls (same prompts, sizes and seeds): each
+    works where diffusers has a plan; families whose plan lindiff supplies, such as PixArt, SD3 and
+    SANA, are linearized first, as diffusers' processors of their self-attention cannot run
+    sharded). The processes must then make the same calls (same prompts, sizes and seeds): each
     holds ``1/degree`` of the tokens, lindiff's layers exchange their state so the result is the
     one-process result, and diffusers gathers the output, so every process ends with the image.
 
@@ -185,14 +237,16 @@ def enable_context_parallel(
         uneven: allow token counts that ``degree`` does not divide (diffusers' ``ulysses_anything`` /
             ``ring_anything``); diffusers then gathers the output with one all-gather of unequal
             sizes, which NCCL accepts and gloo (CPU) rejects.
-        cp_plan: diffusers' context-parallel plan for a model class that has none.
+        cp_plan: diffusers' context-parallel plan; default: the model class's ``_cp_plan``, else
+            the family adapter's.
 
     Returns:
         ``pipe_or_model``, changed in place.
 
     Raises:
         ValueError: a bad ``degree`` or ``mode``, a model without a sequence plan (every UNet), a
-            ControlNet pipeline, parallelism already enabled, or not launched as several processes.
+            self-attention layer that would attend over its shard alone, a ControlNet pipeline,
+            parallelism already enabled, or not launched as several processes.
         NotImplementedError: a converted layer's method cannot run on a shard of the tokens.
     """
     if mode not in MODES:
@@ -200,7 +254,8 @@ def enable_context_parallel(
     if degree is not None and (not isinstance(degree, int) or degree < 2):
         raise ValueError(f"degree must be an integer of at least 2 (or None: every process); got {degree!r}")
     model = _denoiser(pipe_or_model)
-    _check_plan(model, cp_plan)
+    cp_plan = _plan(model, cp_plan)
+    _check_attention(model)
     _check_mixers(model)
     if getattr(model, "_parallel_config", None) is not None:
         raise ValueError(f"parallelism is already enabled on this {type(model).__name__}")
