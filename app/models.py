@@ -1,5 +1,8 @@
 """The demo's model: one pipeline loaded once, switched between softmax and linear attention.
 
+A video pipeline renders videos: each run writes an MP4 and a poster PNG of its first frame (see
+:mod:`lindiff.pipelines.video`).
+
 The same pipeline serves the softmax teacher and every linear student: switching runs
 :func:`lindiff.restore` / :func:`lindiff.linearize` on it, with the student's weights read once
 and kept in memory. One run at a time (a lock); a run stops at the next denoising step once
@@ -11,7 +14,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ from lindiff.denoisers import main_denoiser, pipeline_adapter
 from lindiff.pipelines.highres import HighResProgress
 from lindiff.pipelines.loading import SOFTMAX, check_size, load_pipeline, resolve_weights
 from lindiff.pipelines.metadata import save_png
-from lindiff.pipelines.request import ImageRenderer, ImageRequest
+from lindiff.pipelines.request import ImageRenderer, ImageRequest, Rendered
+from lindiff.pipelines.video import ffmpeg, save_video
 from lindiff.weights import read_checkpoint
 
 from .timing import Estimate, RunMeter, RunRecord, estimate, memory_budget
@@ -33,6 +37,8 @@ MAX_PROMPT_CHARS = 500
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+MAX_FRAMES = 257
+"""Most frames of a video run."""
 MAX_SIZE = {"cuda": 16384, "cpu": 4096}
 """Default largest image side per device type, in pixels."""
 PRESET_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -79,12 +85,14 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class Generation:
-    """A finished run: the image, the PNG written with its parameters, and its measurements."""
+    """A finished run: the image (a video's first frame), the PNG written with its parameters (a
+    video's poster), its measurements, and a video's MP4 (``None`` for an image)."""
 
     request: Request
     image: Image.Image
     path: Path
     record: RunRecord
+    video: Path | None = None
 
 
 class DemoModel:
@@ -137,6 +145,13 @@ class DemoModel:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.native = adapter.native_size(self.pipe)
         self.multiple = adapter.size_multiple(self.pipe)
+        # The valid size nearest the native one (Wan's native 632 px is not a multiple of its 16).
+        self.default_size = max(self.multiple, round(self.native / self.multiple) * self.multiple)
+        self.frames = adapter.resolve_frames(self.pipe, None)  # a video's default; None: renders images
+        self.frame_multiple = adapter.frame_multiple(self.pipe)
+        self.fps = adapter.frame_rate
+        if self.frames is not None:
+            ffmpeg()  # a missing video writer is reported now, not after the first run
         self.max_size = max_size or MAX_SIZE.get(self.device.type, MAX_SIZE["cpu"])
         self.records: list[RunRecord] = []
         self._method = SOFTMAX
@@ -203,6 +218,11 @@ class DemoModel:
                     f"{name}={size} px is outside the allowed {self.multiple}-{self.max_size} px"
                 )
         check_size(self.pipe, request.height, request.width)
+        if request.frames is not None and request.frames > MAX_FRAMES:
+            raise ValueError(f"frames={request.frames} is more than the {MAX_FRAMES} allowed")
+        if self.frames is not None and request.frames is None:
+            raise ValueError("this model renders videos; give the number of frames")
+        pipeline_adapter(self.pipe).resolve_frames(self.pipe, request.frames)
         if not 1 <= request.steps <= MAX_STEPS:
             raise ValueError(f"steps={request.steps} is outside 1-{MAX_STEPS}")
         if not 0 <= request.guidance <= MAX_GUIDANCE:
@@ -238,39 +258,56 @@ class DemoModel:
         A first one-step run, not recorded, takes the one-time costs (lazy initialisation, allocator
         growth) out of the measurements.
         """
-        warmup = Request("warm-up", self.native, self.native, steps=1, guidance=7.5, seed=0, method=SOFTMAX)
+        frames = None if self.frames is None else self.frame_multiple + 1  # the shortest video with motion
+        warmup = Request(
+            "warm-up",
+            self.default_size,
+            self.default_size,
+            steps=1,
+            guidance=7.5,
+            seed=0,
+            method=SOFTMAX,
+            frames=frames,
+        )
         self._render(warmup, owner="calibration", on_progress=None)
         self.records.clear()
         for method in (SOFTMAX, self.default_method):
             request = Request(
                 prompt="calibration",
-                width=self.native,
-                height=self.native,
+                width=self.default_size,
+                height=self.default_size,
                 steps=CALIBRATION_STEPS,
                 guidance=7.5,
                 seed=0,
                 method=method,
+                frames=frames,
             )
             self._render(request, owner="calibration", on_progress=None)
 
     def run(
         self, request: Request, owner: str, on_progress: Callable[[Progress], None] | None = None
     ) -> Generation:
-        """Render ``request`` (after :meth:`check`) and write its PNG with the generation parameters.
+        """Render ``request`` (after :meth:`check`) and write its PNG with the generation parameters (a
+        video: its MP4 and a poster PNG, at the family's frame rate unless ``request.fps`` says).
 
         Raises:
             ValueError: the request is invalid.
             Cancelled: :meth:`cancel` was called for ``owner`` during the run.
         """
         self.check(request)
-        image, record = self._render(request, owner, on_progress)
+        if request.frames is not None and request.fps is None:
+            request = replace(request, fps=self.fps)
+        rendered, record = self._render(request, owner, on_progress)
         weights = self.weights if self._uses_checkpoint(request.method) else None
         params = request.params(self.model, request.method, weights)
-        name = (
-            f"{next(self._numbers):05d}-{request.method}-s{request.seed}-{request.width}x{request.height}.png"
-        )
-        path = save_png(image, self.output_dir / name, params)
-        return Generation(request=request, image=image, path=path, record=record)
+        frames = "" if request.frames is None else f"x{request.frames}"
+        name = f"{next(self._numbers):05d}-{request.method}-s{request.seed}-{request.width}x{request.height}{frames}"
+        if request.frames is None:
+            path = save_png(rendered, self.output_dir / f"{name}.png", params)
+            return Generation(request=request, image=rendered, path=path, record=record)
+        poster = save_png(rendered[0], self.output_dir / f"{name}.png", params)
+        video = save_video(rendered, self.output_dir / f"{name}.mp4", params, fps=request.fps)
+        return Generation(request=request, image=rendered[0], path=poster, record=record, video=video)
 
     def _uses_checkpoint(self, method: str) -> bool:
         return self.checkpoint is not None and self.checkpoint.method == method
@@ -290,7 +327,7 @@ class DemoModel:
 
     def _render(
         self, request: Request, owner: str, on_progress: Callable[[Progress], None] | None
-    ) -> tuple[Image.Image, RunRecord]:
+    ) -> tuple[Rendered, RunRecord]:
         with self._lock:
             self._owner = owner
             self._stop.clear()

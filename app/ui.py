@@ -2,7 +2,8 @@
 
 :func:`input_panel` and :func:`output_panel` lay out the two columns and return their components
 (:class:`InputPanel`, :class:`OutputPanel`); :class:`Handlers` answers the events; :func:`wire`
-connects the two.
+connects the two. A video pipeline adds a frames input and a video tab (:class:`VideoOutputs`:
+teacher and student side by side); an image pipeline's app has neither.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from .models import (
+    MAX_FRAMES,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -91,7 +93,7 @@ def stats_rows(generations: list[Generation]) -> list[list[Any]]:
     return [
         [
             g.request.method,
-            f"{g.request.width}x{g.request.height}",
+            f"{g.request.width}x{g.request.height}" + (f"x{g.request.frames}" if g.request.frames else ""),
             g.record.steps,
             round(g.record.stats.wall_s, 2),
             f"{g.record.stats.attention_share:.0%}",
@@ -128,8 +130,9 @@ def estimate_text(
 
 
 def request_from(values: Sequence[Any]) -> Request:
-    """The request for the values of :meth:`InputPanel.run_inputs`, in that order."""
-    (text, neg, w, h, n, cfg, s, m, hr, use_cn, cond, cn_scale, lo, lo_scale) = values
+    """The request for the values of :meth:`InputPanel.run_inputs`, in that order (a video app's
+    end with the frames)."""
+    (text, neg, w, h, n, cfg, s, m, hr, use_cn, cond, cn_scale, lo, lo_scale, *video) = values
     return Request(
         prompt=text,
         negative_prompt=neg or "",
@@ -144,6 +147,7 @@ def request_from(values: Sequence[Any]) -> Request:
         controlnet_scale=float(cn_scale),
         lora=None if lo == NO_LORA else lo,
         lora_scale=float(lo_scale),
+        frames=_as_int(video[0], "frames") if video else None,
     )
 
 
@@ -201,6 +205,7 @@ class InputPanel:
     generate: gr.Button
     compare: gr.Button
     cancel: gr.Button
+    frames: gr.Number | None = None
 
     def run_inputs(self) -> list[gr.components.Component]:
         """The inputs of Generate and Compare, in the order that :func:`request_from` reads."""
@@ -208,12 +213,23 @@ class InputPanel:
             *(self.prompt, self.negative, self.width, self.height, self.steps, self.guidance, self.seed),
             *(self.method, self.highres, self.control.use, self.control.condition, self.control.scale),
             *(self.lora.name, self.lora.scale),
+            *([] if self.frames is None else [self.frames]),
         ]
 
 
 @dataclass(frozen=True)
+class VideoOutputs:
+    """A video app's tab: the teacher's and the student's videos side by side, each labelled with
+    its method and time."""
+
+    teacher: gr.Video
+    student: gr.Video
+
+
+@dataclass(frozen=True)
 class OutputPanel:
-    """The right column: status, the image or the teacher/student comparison, stats, files, plot."""
+    """The right column: status, the image or the teacher/student comparison, stats, files, plot
+    (and, for a video pipeline, the videos)."""
 
     status: gr.Markdown
     tabs: gr.Tabs
@@ -223,6 +239,7 @@ class OutputPanel:
     stats: gr.Dataframe
     files: gr.File
     plot: gr.ScatterPlot
+    videos: VideoOutputs | None = None
 
 
 def controlnet_inputs(model: DemoModel) -> ControlNetInputs:
@@ -257,10 +274,10 @@ def input_panel(model: DemoModel) -> InputPanel:
     presets = [(f"{s} x {s} ({s / model.native:g}x native)", s) for s in model.presets()]
     prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS, elem_id="prompt")
     negative = gr.Textbox(label="Negative prompt", max_length=MAX_PROMPT_CHARS)
-    preset = gr.Dropdown(presets, value=model.native, label="Size preset")
+    preset = gr.Dropdown(presets, value=model.default_size, label="Size preset")
     with gr.Row():
-        width = gr.Number(model.native, label="Width", precision=0, step=model.multiple)
-        height = gr.Number(model.native, label="Height", precision=0, step=model.multiple)
+        width = gr.Number(model.default_size, label="Width", precision=0, step=model.multiple)
+        height = gr.Number(model.default_size, label="Height", precision=0, step=model.multiple)
     with gr.Row():
         steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
         guidance = gr.Slider(0, MAX_GUIDANCE, value=7.5, step=0.5, label="Guidance")
@@ -270,6 +287,12 @@ def input_panel(model: DemoModel) -> InputPanel:
     method = gr.Dropdown(methods, value=model.default_method, label="Attention")
     estimate = gr.Markdown()
     highres = gr.Checkbox(False, label="High-resolution chain (render native, then upscale in stages)")
+    frames = None
+    if model.frames is not None:
+        step = model.frame_multiple
+        frames = gr.Number(
+            model.frames, label=f"Frames ({step}k + 1)", precision=0, minimum=1, maximum=MAX_FRAMES, step=step
+        )
     control = controlnet_inputs(model)
     lora = lora_inputs(model)
     with gr.Row():
@@ -279,6 +302,7 @@ def input_panel(model: DemoModel) -> InputPanel:
     return InputPanel(
         *(prompt, negative, preset, width, height, steps, guidance, seed, randomize, method, estimate),
         *(highres, control, lora, generate, compare, cancel),
+        frames=frames,
     )
 
 
@@ -310,9 +334,16 @@ def output_panel(model: DemoModel) -> OutputPanel:
                 label="Teacher | student", type="filepath", format="png", height=400, scale=2
             )
             diff = gr.Image(label=f"|teacher - student| x {DIFF_GAIN}", type="pil", format="png", height=400)
+        videos = None
+        if model.frames is not None:
+            with gr.Tab("Video", id="video"), gr.Row():
+                videos = VideoOutputs(
+                    teacher=gr.Video(label="teacher (softmax)", format="mp4", elem_id="video-teacher"),
+                    student=gr.Video(label="student (linear)", format="mp4", elem_id="video-student"),
+                )
     stats = gr.Dataframe(headers=STATS_HEADERS, label="This run", interactive=False)
     files = gr.File(label="PNGs with their parameters", file_count="multiple", interactive=False)
-    return OutputPanel(status, tabs, image, slider, diff, stats, files, timing_plot(model))
+    return OutputPanel(status, tabs, image, slider, diff, stats, files, timing_plot(model), videos)
 
 
 @dataclass(frozen=True)
@@ -335,9 +366,11 @@ class Handlers:
     def run_outputs(self) -> list[gr.components.Component]:
         """What Generate and Compare update, in the order the API returns them."""
         out = self.out
+        videos = [] if out.videos is None else [out.videos.teacher, out.videos.student]
         return [
             *(out.status, out.tabs, out.image, out.slider, out.diff, out.stats, out.files, out.plot),
             self.inputs.estimate,
+            *videos,
         ]
 
     # Gradio passes the session (gr.Request) and a progress tracker to the two handlers below
@@ -380,10 +413,8 @@ class Handlers:
         done: list[Generation] = []
         try:
             for stage in stages:
-                yield {
-                    out.status: stage.status,
-                    out.tabs: gr.Tabs(selected="compare" if compare else "image"),
-                }
+                tab = "video" if out.videos is not None else "compare" if compare else "image"
+                yield {out.status: stage.status, out.tabs: gr.Tabs(selected=tab)}
                 report = functools.partial(report_progress, progress, stage.label)
                 done.append(self.model.run(stage.request, session, report))
         except Cancelled as stop:
@@ -399,8 +430,22 @@ class Handlers:
     def _generated(self, result: Generation) -> Updates:
         return {
             self.out.image: str(result.path),
+            **self._videos([result]),
             **self._finished([result], f"Done in {result.record.stats.wall_s:.2f} s."),
         }
+
+    def _videos(self, done: list[Generation]) -> Updates:
+        """Each video of ``done`` on its side of the video tab (the teacher's left), labelled with
+        its method and time; nothing for images."""
+        videos = self.out.videos
+        if videos is None:
+            return {}
+        updates: Updates = {}
+        for g in done:
+            side = videos.teacher if g.request.method == SOFTMAX else videos.student
+            label = f"{self.model.method_label(g.request.method)}: {g.record.stats.wall_s:.2f} s"
+            updates[side] = gr.Video(str(g.video), label=label)
+        return updates
 
     def _compared(self, teacher: Generation, student: Generation) -> Updates:
         t, s = teacher.record.stats.wall_s, student.record.stats.wall_s
@@ -408,6 +453,7 @@ class Handlers:
         return {
             self.out.slider: (str(teacher.path), str(student.path)),
             self.out.diff: difference(teacher.image, student.image),
+            **self._videos([teacher, student]),
             **self._finished([teacher, student], note),
         }
 
@@ -416,7 +462,7 @@ class Handlers:
         return {
             self.out.status: note,
             self.out.stats: stats_rows(done),
-            self.out.files: [str(g.path) for g in done],
+            self.out.files: [str(path) for g in done for path in (g.path, g.video) if path is not None],
             self.out.plot: timing_frame(self.model),
             self.inputs.estimate: self.estimate(last.method, last.width, last.height, last.steps),
         }

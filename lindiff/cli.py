@@ -1,11 +1,12 @@
 """The ``lindiff`` command: a thin layer over the public API.
 
     lindiff info              versions, devices and kernel backends of this installation
-    lindiff info IMAGE.png    the generation parameters stored in a PNG that lindiff rendered
+    lindiff info IMAGE.png    the generation parameters stored in a PNG (or MP4) that lindiff rendered
     lindiff methods           the registered attention methods and their options
     lindiff distill MODEL     distil MODEL's denoiser into its linear-attention student
                               (``accelerate launch -m lindiff.cli distill ...`` for several GPUs)
-    lindiff render            render prompts to PNGs that carry their parameters; resumable
+    lindiff render            render prompts to PNGs (videos: MP4s and poster PNGs) that carry their
+                              parameters; resumable
                               (``accelerate launch -m lindiff.cli render ...`` for several GPUs;
                               ``torchrun --nproc-per-node N -m lindiff.cli render --parallel-degree N``
                               splits every image over N GPUs)
@@ -114,10 +115,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _image_info(image: str, as_json: bool) -> int:
     from .pipelines.metadata import read_params
+    from .pipelines.video import MissingVideoWriter
 
     try:
         params = read_params(image)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingVideoWriter) as error:
         return _user_error("info", error)
     if as_json:
         print(json.dumps(params, indent=2, ensure_ascii=False))
@@ -226,8 +228,9 @@ REPRODUCED_FLAGS = {
     "highres": "--highres",
     "stages": "--stages",
     "strengths": "--strengths",
+    "frames": "--frames",
 }
-"""``render`` flags whose value ``--reproduce`` takes from the PNG (so they may not be given with it)."""
+"""``render`` flags whose value ``--reproduce`` takes from the PNG or MP4 (so they may not be given with it)."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -250,18 +253,20 @@ def run_render(args: argparse.Namespace) -> int:
 
     from .pipelines.batch import summary_table
     from .pipelines.render import RenderConfig, render
+    from .pipelines.video import MissingVideoWriter
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "no_progress")}
     given = [flag for name, flag in REPRODUCED_FLAGS.items() if options[name] is not None]
     if args.reproduce and given:
         return _user_error(
-            "render", f"{', '.join(given)} cannot be used with --reproduce, which takes them from the PNG"
+            "render",
+            f"{', '.join(given)} cannot be used with --reproduce, which takes them from the PNG or MP4",
         )
     try:
         config = RenderConfig(**{k: v for k, v in options.items() if v is not None})
         result = render(config, show_progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError, MissingVideoWriter) as error:
         return _user_error("render", error)
     except (torch.OutOfMemoryError, MemoryError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -301,9 +306,9 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--reproduce",
-        metavar="IMAGE.png",
-        help="render a PNG written by lindiff again from its stored parameters "
-        "(--model/--weights override the recorded ones)",
+        metavar="FILE",
+        help="render a PNG (or a video's MP4 or poster PNG) written by lindiff again from its stored "
+        "parameters (--model/--weights override the recorded ones)",
     )
     parser.add_argument("--out", default="renders", help="output folder (default: %(default)s)")
     parser.add_argument("--negative-prompt", help="negative prompt of rows without their own")
@@ -319,6 +324,16 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_size, help="N or WxH pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="width in pixels (overrides --size)")
     parser.add_argument("--height", type=int, help="height in pixels (overrides --size)")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        help="frames of each video, for a video pipeline (Wan, CogVideoX: 4k + 1; LTX-Video: 8k + 1); "
+        "writes an H.264 MP4 and a poster PNG per prompt (needs pip install 'lindiff[video]'; "
+        "default: the pipeline's own)",
+    )
+    parser.add_argument(
+        "--fps", type=float, help="frame rate of the videos (default: the model family's, e.g. 16 for Wan)"
+    )
     parser.add_argument("--steps", type=int, help=f"denoising steps (default: {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, help=f"guidance scale (default: {DEFAULT_GUIDANCE})")
     parser.add_argument(

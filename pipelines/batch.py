@@ -1,4 +1,5 @@
-"""Batch rendering: items in, PNGs carrying their parameters out; resumable and multi-process.
+"""Batch rendering: items in, PNGs (or MP4s with a poster PNG) carrying their parameters out;
+resumable and multi-process.
 
     renderer = Renderer(load_pipeline(), RenderOptions(steps=20))
     items = [RenderItem(0, "a red star above a blue circle", "", seed=42, width=128, height=128)]
@@ -7,7 +8,8 @@
 Every image goes through :class:`~lindiff.pipelines.request.ImageRenderer`, the path the demo
 renders with too.
 
-Each finished image is written atomically and then recorded in the folder's manifest (see
+A video item (one with ``frames``, for a video pipeline) is written as an H.264 MP4 and a poster
+PNG of its first frame (see :mod:`~lindiff.pipelines.video`). Each finished image is written atomically and then recorded in the folder's manifest (see
 :mod:`~lindiff.pipelines.manifest`), so a re-run skips it and a crash loses at most the image
 in progress. Under ``accelerate launch`` (or ``torchrun``) the pending items are split between the
 processes; when the pipeline's denoiser is itself split over them by tokens (context parallelism,
@@ -29,16 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..denoisers import pipeline_adapter
 from ..parallel import context_parallel_degree
 from .highres import HighResProgress
 from .manifest import Manifest
-from .metadata import save_png
+from .metadata import VIDEO_SUFFIX, save_png
 from .peak_memory import PeakMemory
-from .request import ImageRenderer, ImageRequest, ProgressCallback
+from .request import ImageRenderer, ImageRequest, ProgressCallback, Rendered
+from .video import save_video
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
@@ -54,12 +56,14 @@ def slugify(text: str, max_length: int = SLUG_LENGTH) -> str:
 
 @dataclass(frozen=True)
 class RenderItem:
-    """One image to render.
+    """One image (or video) to render.
 
     Attributes:
         index: position in the batch (numbers the file).
         prompt, negative_prompt, seed, width, height: the generation call.
-        name: the file name; ``None`` derives one from index, prompt and seed.
+        name: the file name; ``None`` derives one from index, prompt and seed (a video takes its
+            stem, with ``.mp4``).
+        frames: a video's frame count; ``None`` for an image.
     """
 
     index: int
@@ -69,17 +73,26 @@ class RenderItem:
     width: int
     height: int
     name: str | None = None
+    frames: int | None = None
 
     @property
     def key(self) -> str:
         """Identity in the manifest, stable across runs of the same batch."""
         identity = [self.index, self.prompt, self.negative_prompt, self.seed, self.width, self.height]
+        if self.frames is not None:  # images keep the keys they had before videos
+            identity.append(self.frames)
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
     @property
     def filename(self) -> str:
-        """``00003-a-red-star-above-a-blue-circle-s42.png`` unless :attr:`name` is set."""
-        return self.name or f"{self.index:05d}-{slugify(self.prompt)}-s{self.seed}.png"
+        """``00003-a-red-star-above-a-blue-circle-s42.png`` (a video: ``.mp4``) unless :attr:`name` is set."""
+        name = self.name or f"{self.index:05d}-{slugify(self.prompt)}-s{self.seed}.png"
+        return name if self.frames is None else str(Path(name).with_suffix(VIDEO_SUFFIX))
+
+    @property
+    def poster(self) -> str | None:
+        """A video's poster PNG (its first frame) beside :attr:`filename`; ``None`` for an image."""
+        return None if self.frames is None else str(Path(self.filename).with_suffix(".png"))
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ class RenderOptions:
             does so exactly when a side exceeds the model's native size.
         stages, strengths: the high-resolution pipeline's ``stages`` and ``strength_schedule``
             (``None``: the default schedule).
+        fps: frame rate of the videos; ``None``: the model family's
+            (:attr:`~lindiff.adapters.ModelAdapter.frame_rate`).
         tile: code with a tiled VAE (less memory at large sizes), in the plain and the
             high-resolution pipeline; ``None`` tiles the high-resolution pipeline's VAE only when
             memory is short (its ``tile_vae="auto"``) and never the plain pipeline's.
@@ -108,6 +123,7 @@ class RenderOptions:
     stages: int | str = "auto"
     strengths: tuple[float, ...] | None = None
     tile: bool | None = None
+    fps: float | None = None
 
 
 class Renderer:
@@ -117,7 +133,9 @@ class Renderer:
     def __init__(self, pipe: Any, options: RenderOptions) -> None:
         self.pipe = pipe
         self.options = options
-        self.native_size = pipeline_adapter(pipe).native_size(pipe)
+        adapter = pipeline_adapter(pipe)
+        self.native_size = adapter.native_size(pipe)
+        self.fps = options.fps or adapter.frame_rate
         self._render = ImageRenderer(pipe)
 
     def uses_highres(self, item: RenderItem) -> bool:
@@ -141,15 +159,25 @@ class Renderer:
             stages=options.stages,
             strengths=options.strengths,
             tile=options.tile,
+            frames=item.frames,
+            fps=None if item.frames is None else self.fps,
         )
 
     def params(self, item: RenderItem) -> dict[str, Any]:
-        """The generation parameters recorded in ``item``'s PNG."""
+        """The generation parameters recorded in ``item``'s PNG (or MP4 and poster)."""
         return self.request(item).params(self.options.model, self.options.method, self.options.weights)
 
-    def __call__(self, item: RenderItem, progress: ProgressCallback | None = None) -> Image.Image:
-        """Render ``item``; ``progress`` is called after every denoising step."""
+    def __call__(self, item: RenderItem, progress: ProgressCallback | None = None) -> Rendered:
+        """Render ``item`` (an image, or a video's frames); ``progress`` is called after every denoising step."""
         return self._render(self.request(item), progress)
+
+    def save(self, rendered: Rendered, item: RenderItem, out: Path) -> Path:
+        """Write ``item``'s image, or its MP4 after its poster PNG, into ``out``; returns the image or MP4."""
+        params = self.params(item)
+        if item.frames is None:
+            return save_png(rendered, out / item.filename, params)
+        save_png(rendered[0], out / item.poster, params)
+        return save_video(rendered, out / item.filename, params, fps=self.fps)
 
 
 @dataclass
@@ -219,9 +247,9 @@ class _ImageBar:
         self.bar.update(progress.step - self.bar.n)
 
 
-def _manifest_entry(record: ItemRecord) -> dict[str, Any]:
+def _manifest_entry(record: ItemRecord, fps: float) -> dict[str, Any]:
     item = record.item
-    return {
+    entry = {
         "key": item.key,
         "file": item.filename,
         "index": item.index,
@@ -232,6 +260,9 @@ def _manifest_entry(record: ItemRecord) -> dict[str, Any]:
         "seconds": round(record.seconds, 3),
         "peak_memory": record.peak_memory,
     }
+    if item.frames is not None:
+        entry.update(frames=item.frames, fps=fps, poster=item.poster)
+    return entry
 
 
 def render_batch(
@@ -295,12 +326,12 @@ def render_batch(
             image_bar.start(item)
             memory.start()
             start = time.perf_counter()
-            image = renderer(item, image_bar)
+            rendered = renderer(item, image_bar)
             if writes:
-                path = save_png(image, out / item.filename, renderer.params(item))
+                path = renderer.save(rendered, item, out)
                 seconds = time.perf_counter() - start
                 record = ItemRecord(item, path, seconds, memory.peak_bytes(), renderer.uses_highres(item))
-                manifest.record(_manifest_entry(record))
+                manifest.record(_manifest_entry(record, renderer.fps))
                 result.rendered.append(record)
             overall.update(1)
     except KeyboardInterrupt:
@@ -329,7 +360,8 @@ def summary_table(result: BatchResult) -> str:
         (
             str(r.item.index),
             r.path.name,
-            f"{r.item.width}x{r.item.height}",
+            f"{r.item.width}x{r.item.height}"
+            + ("" if r.item.frames is None else f", {r.item.frames} frames"),
             "yes" if r.highres else "no",
             f"{r.seconds:.2f} s",
             _mib(r.peak_memory),

@@ -14,6 +14,13 @@ scheduler keeps only that tail of the schedule (:mod:`lindiff.pipelines.sdedit`)
 pipeline shares the components of the pipeline it was made from; no weights are copied. The skip
 residual is in :mod:`lindiff.pipelines.skip_residual`.
 
+Video pipelines (a family whose adapter gives frames, see
+:meth:`~lindiff.adapters.ModelAdapter.frame_multiple`) run the same chain on videos: stage 1 renders
+all ``num_frames`` frames at the native area, and every later stage upscales each frame and
+re-denoises the whole video through the family's video-to-video pipeline
+(:meth:`~lindiff.adapters.ModelAdapter.video_to_video`: ``WanVideoToVideoPipeline``,
+``CogVideoXVideoToVideoPipeline``) at the stage's strength. Families without one are refused.
+
 Memory: the VAE encodes and decodes in tiles (``vae.enable_tiling()``; every supported family's
 VAE has it), the denoiser (and ControlNet) can run the two halves of the classifier-free-guidance
 batch in turn above a pixel count, every ``FeedForward`` can run over chunks of tokens, and
@@ -59,6 +66,8 @@ _RESERVED = {
     "height",
     "width",
     "image",
+    "video",
+    "num_frames",
     "control_image",
     "strength",
     "latents",
@@ -91,8 +100,9 @@ class HighResProgress:
 @dataclass
 class HighResPipelineOutput(BaseOutput):
     """``images``: the final images at the requested size (list of PIL images, ``(B, H, W, 3)`` array or
-    ``(B, 3, H, W)`` tensor in [0, 1]); ``stages``: with ``return_stages``, each stage's images in the
-    same format, the last being ``images``."""
+    ``(B, 3, H, W)`` tensor in [0, 1]; videos: a list of frame lists, ``(B, F, H, W, 3)`` or
+    ``(B, F, 3, H, W)``); ``stages``: with ``return_stages``, each stage's images in the same format,
+    the last being ``images``."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     stages: list[Any] | None = None
@@ -103,8 +113,8 @@ class HighResRequest:
     """The options of one :class:`HighResPipeline` call that every stage shares, checked on creation.
 
     The fields are the call's arguments of the same names (see :meth:`HighResPipeline.__call__`);
-    ``strengths`` are the SDEdit strengths of stages 2, 3, ... and ``kwargs`` the extra arguments
-    passed to every stage pipeline.
+    ``strengths`` are the SDEdit strengths of stages 2, 3, ..., ``num_frames`` a video's frames
+    (``None`` for images) and ``kwargs`` the extra arguments passed to every stage pipeline.
 
     Raises:
         ValueError: an option is out of range, or ``kwargs`` names an argument the chain sets itself.
@@ -125,6 +135,7 @@ class HighResRequest:
     feed_forward_chunk_size: int | None = None
     output_type: str = "pil"
     on_progress: Callable[[HighResProgress], None] | None = None
+    num_frames: int | None = None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -193,10 +204,12 @@ def _call_parameters(cls: type) -> frozenset[str]:
 
 
 def _sibling(pipe: DiffusionPipeline, cls: type, **overrides: Any) -> DiffusionPipeline:
-    """A ``cls`` pipeline on ``pipe``'s components and config (nothing copied or cast), quiet like ``pipe``."""
-    _, optional = cls._get_signature_keys(cls)
-    config = {key: pipe.config[key] for key in optional if key in pipe.config}
-    sibling = cls(**{**pipe.components, **config, **overrides})
+    """A ``cls`` pipeline on those of ``pipe``'s components and config that ``cls`` takes (nothing
+    copied or cast), quiet like ``pipe``."""
+    expected, optional = cls._get_signature_keys(cls)
+    components = {key: value for key, value in pipe.components.items() if key in {*expected, *optional}}
+    config = {key: pipe.config[key] for key in optional if key in pipe.config and key not in components}
+    sibling = cls(**{**components, **config, **overrides})
     sibling.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return sibling
 
@@ -215,16 +228,27 @@ def _resize(image: Any, height: int, width: int) -> Any:
     raise TypeError(f"image must be a PIL image, a tensor or a list of them, got {type(image).__name__}")
 
 
+def _upscale(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, 3, h, w)`` images or ``(B, F, 3, h, w)`` videos in [0, 1] at ``height x width`` (bicubic)."""
+    frames = images.flatten(0, 1) if images.ndim == 5 else images
+    frames = F.interpolate(frames, size=(height, width), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return frames.unflatten(0, images.shape[:2]) if images.ndim == 5 else frames
+
+
 def _convert(images: torch.Tensor, output_type: str) -> Any:
-    """``(B, 3, H, W)`` images in [0, 1] as ``output_type``."""
+    """``(B, 3, H, W)`` images (or ``(B, F, 3, H, W)`` videos) in [0, 1] as ``output_type``."""
     if output_type == "pt":
         return images
+    if images.ndim == 5:
+        videos = [_convert(video, output_type) for video in images]
+        return np.stack(videos) if output_type == "np" else videos
     array = VaeImageProcessor.pt_to_numpy(images.float().cpu())
     return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
 
 
 class HighResPipeline:
-    """Progressive SDEdit to high resolution on top of any text-to-image pipeline lindiff converts.
+    """Progressive SDEdit to high resolution on top of any text-to-image pipeline lindiff converts
+    (and the text-to-video pipelines of families with a video-to-video pipeline).
 
     Build it with :meth:`from_pipe`; the pipeline may be converted by :func:`lindiff.linearize`
     before or after, and may carry LoRA adapters and a ControlNet (one or several).
@@ -234,6 +258,17 @@ class HighResPipeline:
         self.pipe = pipe
         self.adapter = pipeline_adapter(pipe)
         self.text2img = _sibling(pipe, type(pipe))
+        self.video = self.adapter.frame_multiple(pipe) is not None
+        if self.video:
+            refiner = self.adapter.video_to_video(pipe)
+            if refiner is None:
+                raise ValueError(
+                    f"HighResPipeline refines videos through a video-to-video pipeline, and diffusers has "
+                    f"none for {type(pipe).__name__} (the {self.adapter.name!r} family); render at the "
+                    "native size instead"
+                )
+            self.img2img, self.sdedit = _sibling(pipe, refiner), None
+            return
         try:
             self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)
         except ValueError:
@@ -323,6 +358,8 @@ class HighResPipeline:
                 f"image is a ControlNet condition but {type(self.pipe).__name__} has no controlnet"
             )
         refines = bool(request.strengths)
+        if self.video and request.skip_residual:
+            raise ValueError("skip_residual is supported on images only; leave it False for a video pipeline")
         if refines and self.sdedit is not None and self.sdedit.scheduler.config.get("use_dynamic_shifting"):
             raise ValueError(
                 f"{type(self.pipe).__name__} has no image-to-image pipeline and its scheduler shifts its schedule "
@@ -368,6 +405,7 @@ class HighResPipeline:
         output_type: str = "pil",
         return_stages: bool = False,
         on_progress: Callable[[HighResProgress], None] | None = None,
+        num_frames: int | None = None,
         **kwargs: Any,
     ) -> HighResPipelineOutput:
         """Generates ``height x width`` px images through the SDEdit chain.
@@ -398,6 +436,8 @@ class HighResPipeline:
             return_stages: also return every stage's images.
             on_progress: called with a :class:`HighResProgress` after every denoising step; an
                 exception it raises stops the run and propagates.
+            num_frames: a video pipeline's frames (stage 1 renders them, later stages keep them);
+                ``None``: the pipeline's default. Image pipelines take none.
             **kwargs: passed to every stage's pipeline call (e.g. ``max_sequence_length``).
 
         Returns:
@@ -423,6 +463,7 @@ class HighResPipeline:
             feed_forward_chunk_size=feed_forward_chunk_size,
             output_type=output_type,
             on_progress=on_progress,
+            num_frames=self.adapter.resolve_frames(self.pipe, num_frames),
             kwargs=kwargs,
         )
         self.check_inputs(request)
@@ -431,10 +472,7 @@ class HighResPipeline:
             images = None
             for stage in chain_stages(sizes, strengths):
                 if images is not None:  # the previous stage, upscaled in pixel space
-                    size = (stage.height, stage.width)
-                    images = F.interpolate(images, size=size, mode="bicubic", align_corners=False).clamp_(
-                        0, 1
-                    )
+                    images = _upscale(images, stage.height, stage.width)
                 above = request.sequential_cfg_above
                 sequential = above is not None and stage.height * stage.width > above
                 with sequential_halves(self._denoising_models) if sequential else contextlib.nullcontext():
@@ -452,9 +490,8 @@ class HighResPipeline:
         tile = request.tile_vae
         if tile == "auto":
             height, width = final_size
-            tile = vae_needs_tiling(
-                self.pipe.vae, request.batch_size, height, width, self.pipe._execution_device
-            )
+            frames = request.batch_size * (request.num_frames or 1)  # a video frame costs about an image
+            tile = vae_needs_tiling(self.pipe.vae, frames, height, width, self.pipe._execution_device)
         with contextlib.ExitStack() as stack:
             stack.enter_context(vae_tiling(self.pipe.vae, tile))
             if request.feed_forward_chunk_size is not None:
@@ -471,6 +508,8 @@ class HighResPipeline:
             call.update(height=stage.height, width=stage.width)
         if "use_resolution_binning" in parameters:
             call["use_resolution_binning"] = False
+        if stage.first and request.num_frames is not None:
+            call["num_frames"] = request.num_frames
         if request.cross_attention_kwargs is not None:
             name = next(name for name in _ATTENTION_KWARGS if name in parameters)
             call[name] = request.cross_attention_kwargs
@@ -484,12 +523,15 @@ class HighResPipeline:
         self, request: HighResRequest, stage: Stage, upscaled: torch.Tensor | None
     ) -> torch.Tensor:
         """One stage, from ``upscaled``: the previous stage's images at this stage's size (``None`` for
-        stage 1); returns its images ``(B, 3, h, w)`` in [0, 1] on the execution device."""
+        stage 1); returns its images ``(B, 3, h, w)`` (videos ``(B, F, 3, h, w)``) in [0, 1] on the
+        execution device."""
         pipe = self.text2img if stage.first else self._refiner
         call = self._stage_call(request, stage, pipe)
         power = request.skip_residual_power
         residual = None
-        if not stage.first:
+        if not stage.first and self.video:
+            call.update(video=upscaled, strength=stage.strength)
+        elif not stage.first:
             if self.img2img is not None:
                 call.update(image=upscaled, strength=stage.strength)
             if self.img2img is None or power is not None:
@@ -506,7 +548,8 @@ class HighResPipeline:
                         self.adapter.pack_latents(clean), self.adapter.pack_latents(noise), power
                     )
         call.update(self._step_callbacks(request, stage, pipe, residual))
-        return pipe(**call).images
+        output = pipe(**call)
+        return output.frames if self.video else output.images
 
     def _step_callbacks(
         self, request: HighResRequest, stage: Stage, pipe: DiffusionPipeline, residual: SkipResidual | None

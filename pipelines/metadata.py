@@ -1,4 +1,5 @@
-"""Generation parameters stored inside the PNGs lindiff writes.
+"""Generation parameters stored inside the PNGs lindiff writes (and, through
+:mod:`~lindiff.pipelines.video`, its MP4s: :func:`read_params` reads both).
 
 Each PNG carries two text chunks: ``lindiff`` (the parameters as JSON, read back by
 :func:`read_params` and ``lindiff render --reproduce``) and ``parameters`` (the same as plain
@@ -25,6 +26,10 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from ..version import __version__
 from .atomic import atomic_write
 from .loading import resolve_weights
+from .video import read_video_params
+
+VIDEO_SUFFIX = ".mp4"
+"""File suffix of the videos lindiff writes (see :mod:`~lindiff.pipelines.video`)."""
 
 METADATA_KEY = "lindiff"
 """PNG text chunk holding the parameters as JSON."""
@@ -83,8 +88,10 @@ def generation_params(
     highres: bool = False,
     stages: int | str | None = None,
     strengths: Sequence[float] | None = None,
+    frames: int | None = None,
+    fps: float | None = None,
 ) -> dict[str, Any]:
-    """The parameters recorded with an image, as a JSON-ready dict.
+    """The parameters recorded with an image or a video, as a JSON-ready dict.
 
     Args:
         prompt, negative_prompt, seed, steps, guidance, width, height: the generation call.
@@ -95,11 +102,13 @@ def generation_params(
         stages: its ``stages`` argument (``None`` when ``highres`` is false).
         strengths: its ``strength_schedule``; ``None`` for the default one (and when ``highres`` is
             false).
+        frames, fps: a video's frame count and frame rate, recorded only for videos (``frames`` not
+            ``None``).
 
     ``weights_sha256`` is the short hash of the weights actually used (see
     :func:`~lindiff.pipelines.loading.resolve_weights`), ``None`` without local weights.
     """
-    return {
+    params = {
         "prompt": prompt,
         "negative_prompt": negative_prompt or "",
         "seed": int(seed),
@@ -116,6 +125,9 @@ def generation_params(
         "strengths": [float(s) for s in strengths] if highres and strengths is not None else None,
         "lindiff_version": __version__,
     }
+    if frames is not None:
+        params.update(frames=int(frames), fps=float(fps) if fps is not None else None)
+    return params
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -128,6 +140,8 @@ def format_params(params: dict[str, Any]) -> str:
         "Guidance": params.get("guidance"),
         "Seed": params.get("seed"),
         "Size": f"{params.get('width')}x{params.get('height')}",
+        "Frames": params.get("frames"),
+        "FPS": params.get("fps"),
         "Model": params.get("model") or "embedded tiny-shapes",
         "Method": params.get("method"),
         "Weights": params.get("weights"),
@@ -153,12 +167,16 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]
 
 
 def read_params(path: str | os.PathLike) -> dict[str, Any]:
-    """The parameters :func:`save_png` stored in the PNG at ``path``.
+    """The parameters :func:`save_png` stored in the PNG at ``path``, or
+    :func:`~lindiff.pipelines.video.save_video` in the MP4 at ``path`` (a ``.mp4`` name).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not an image, or carries no lindiff parameters.
+        ValueError: ``path`` is not an image (or video), or carries no lindiff parameters.
+        MissingVideoWriter: an MP4 without imageio-ffmpeg installed.
     """
+    if Path(path).suffix.lower() == VIDEO_SUFFIX:
+        return read_video_params(path)
     try:
         with Image.open(path) as image:
             text = getattr(image, "text", {}).get(METADATA_KEY)

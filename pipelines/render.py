@@ -1,4 +1,4 @@
-"""``lindiff render`` as a function: prompts (or a PNG to reproduce) in, a rendered folder out.
+"""``lindiff render`` as a function: prompts (or a PNG or MP4 to reproduce) in, a rendered folder out.
 
 result = render(RenderConfig(prompts="prompts.jsonl", out="renders", size=(1024, 1024)))
 print(summary_table(result))
@@ -26,11 +26,12 @@ from .batch import (
 from .loading import check_size, load_pipeline, resolve_device
 from .metadata import read_params
 from .prompts import ON_ERROR, OnError, Problem, PromptFileError, PromptRow, read_prompts
+from .video import ffmpeg
 
 logger = logging.getLogger(__name__)
 
 REPRODUCED_KEYS = ("prompt", "seed", "steps", "guidance", "width", "height", "method")
-"""Parameters a PNG must carry for ``reproduce``."""
+"""Parameters a PNG (or MP4) must carry for ``reproduce``."""
 
 
 @dataclass
@@ -38,11 +39,12 @@ class RenderConfig:
     """Everything ``lindiff render`` takes; exactly one of ``prompt``, ``prompts``, ``reproduce``.
 
     Attributes:
-        out: output folder (PNGs and ``manifest.jsonl``).
+        out: output folder (PNGs, or MP4s with poster PNGs, and ``manifest.jsonl``).
         prompt: prompts given directly (item ``i`` gets index ``i``).
         prompts: a prompt file (see :mod:`~lindiff.pipelines.prompts`).
-        reproduce: a PNG written by lindiff, rendered again from its parameters into ``out``
-            (``model`` and ``weights`` override the recorded ones, for moved files).
+        reproduce: a PNG written by lindiff (an image, or a video's poster) or an MP4, rendered
+            again from its parameters into ``out`` (``model`` and ``weights`` override the
+            recorded ones, for moved files; ``fps`` a video's frame rate).
         negative_prompt: default negative prompt.
         model, method, weights, device, dtype, offload: see
             :func:`~lindiff.pipelines.loading.load_pipeline`.
@@ -51,6 +53,10 @@ class RenderConfig:
         steps, guidance: denoising steps and guidance scale.
         seed: base seed; a row without its own seed gets ``seed + index``.
         highres, stages, strengths, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
+        frames: frames of each video, for a video pipeline (``None``: the pipeline's default);
+            its model family says which counts are valid
+            (:meth:`~lindiff.adapters.ModelAdapter.resolve_frames`). Image pipelines take none.
+        fps: frame rate the videos are written at (``None``: the family's).
         on_error: ``"abort"`` or ``"skip"`` malformed prompt-file lines (and rows whose size
             the model cannot render).
         parallel_degree: processes each image is split over by tokens (context parallelism, see
@@ -81,6 +87,8 @@ class RenderConfig:
     tile: bool | None = None
     on_error: OnError = "abort"
     parallel_degree: int = 1
+    frames: int | None = None
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("prompt", "prompts", "reproduce") if getattr(self, name)]
@@ -99,6 +107,8 @@ class RenderConfig:
                 "offload cannot be combined with parallel_degree > 1 (context parallelism keeps each "
                 "process's denoiser on its own device)"
             )
+        if self.fps is not None and (not isinstance(self.fps, (int, float)) or not self.fps > 0):
+            raise ValueError(f"fps must be a positive number, got {self.fps!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}; got {self.on_error!r}")
         if self.stages != "auto" and (not isinstance(self.stages, int) or self.stages < 1):
@@ -142,11 +152,21 @@ def _reproduction(config: RenderConfig) -> tuple[RenderOptions, RenderItem, str 
     missing = [key for key in REPRODUCED_KEYS if key not in params]
     if missing:
         raise ValueError(f"{source} cannot be reproduced: its parameters lack {', '.join(missing)}")
-    target = Path(config.out) / source.name
-    if target.resolve() == source.resolve():
-        raise ValueError(
-            f"reproducing {source} into --out {config.out} would overwrite it; pick another --out"
-        )
+    item = RenderItem(
+        0,
+        params["prompt"],
+        params.get("negative_prompt", ""),
+        params["seed"],
+        params["width"],
+        params["height"],
+        name=source.name,
+        frames=params.get("frames"),
+    )
+    for name in filter(None, (item.filename, item.poster)):
+        if (Path(config.out) / name).resolve() == source.resolve():
+            raise ValueError(
+                f"reproducing {source} into --out {config.out} would overwrite it; pick another --out"
+            )
     options = RenderOptions(
         model=config.model or params.get("model"),
         method=params["method"],
@@ -157,15 +177,7 @@ def _reproduction(config: RenderConfig) -> tuple[RenderOptions, RenderItem, str 
         stages=params.get("stages") or "auto",
         strengths=tuple(params["strengths"]) if params.get("strengths") else None,
         tile=config.tile,
-    )
-    item = RenderItem(
-        0,
-        params["prompt"],
-        params.get("negative_prompt", ""),
-        params["seed"],
-        params["width"],
-        params["height"],
-        name=source.name,
+        fps=config.fps or params.get("fps"),
     )
     return options, item, params.get("weights_sha256")
 
@@ -176,10 +188,13 @@ def plan_items(
     """The items for ``rows`` with the config's defaults filled in, and rows of sizes ``pipe`` cannot render.
 
     Raises:
-        ValueError: the default size is invalid.
+        ValueError: the default size is invalid, or ``config.frames`` is not a count ``pipe``
+            renders (any count, for an image pipeline).
     """
     default_width, default_height = config.size or (None, None)
-    native = pipeline_adapter(pipe).native_size(pipe)
+    adapter = pipeline_adapter(pipe)
+    frames = adapter.resolve_frames(pipe, config.frames)
+    native = adapter.native_size(pipe)
     width = config.width or default_width or native
     height = config.height or default_height or native
     check_size(pipe, height, width)
@@ -192,6 +207,7 @@ def plan_items(
             config.seed + row.index if row.seed is None else row.seed,
             row.width or width,
             row.height or height,
+            frames=frames,
         )
         try:
             check_size(pipe, item.height, item.width)
@@ -214,7 +230,8 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
 
     Raises:
         ValueError: invalid arguments, prompt file, model or size (with what is allowed).
-        FileNotFoundError: a missing prompt file or PNG, or the embedded model is not installed.
+        FileNotFoundError: a missing prompt file, PNG or MP4, or the embedded model is not installed.
+        MissingVideoWriter: a video pipeline (or an MP4 to reproduce) without imageio-ffmpeg installed.
         NotImplementedError: ``parallel_degree > 1`` with a method that cannot run on a shard of
             the tokens.
         torch.OutOfMemoryError: the device ran out of memory.
@@ -234,6 +251,7 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
             stages=config.stages,
             strengths=config.strengths,
             tile=config.tile,
+            fps=config.fps,
         )
         if config.prompts:
             rows, problems = read_prompts(config.prompts, config.on_error)
@@ -259,6 +277,8 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
     renderer = Renderer(pipe, options)
     if config.reproduce:
         check_size(pipe, item.height, item.width)
+        if pipeline_adapter(pipe).resolve_frames(pipe, item.frames) != item.frames:
+            raise ValueError(f"{config.reproduce} is an image, but {type(pipe).__name__} renders videos")
         current = renderer.params(item)["weights_sha256"]
         if current != recorded_hash:
             logger.warning(
@@ -271,4 +291,6 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
     else:
         items, problems = plan_items(rows, pipe, config, source)
         _report(problems, config.on_error)
+    if any(item.frames is not None for item in items):
+        ffmpeg()  # a missing video writer stops the run before the first video, not after it
     return render_batch(renderer, items, config.out, state, show_progress=show_progress)

@@ -1,7 +1,9 @@
-"""One image to render, and the one path that renders it: ``lindiff render`` and the demo both use it.
+"""One image (or video) to render, and the one path that renders it: ``lindiff render`` and the demo
+both use it.
 
     renderer = ImageRenderer(pipe)
     image = renderer(ImageRequest("a red star", width=128, height=128, steps=20, guidance=7.5, seed=42))
+    frames = ImageRenderer(video_pipe)(ImageRequest("a red star", 64, 64, 20, 5.0, seed=42, frames=9))
 
 The noise comes from a CPU generator seeded with the request's seed, so a request renders the
 same image on every device, and a PNG written from it reproduces with
@@ -24,6 +26,8 @@ from .metadata import generation_params
 
 ProgressCallback = Callable[[HighResProgress], None]
 """Called after every denoising step; a render without the high-resolution chain is stage 1 of 1."""
+Rendered = Image.Image | list[Image.Image]
+"""What a request renders: an image, or a video's frames (a request with ``frames``)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class ImageRequest:
             high-resolution chain's VAE only when memory is short (``tile_vae="auto"``) and leaves
             the plain call's VAE as it is.
         condition, controlnet_scale: a ControlNet condition image (for a ControlNet pipeline).
+        frames, fps: a video's frame count (the pipeline's ``num_frames``; ``None`` for an image)
+            and the frame rate it is written at (recorded only).
     """
 
     prompt: str
@@ -55,6 +61,8 @@ class ImageRequest:
     tile: bool | None = None
     condition: Image.Image | None = None
     controlnet_scale: float = 1.0
+    frames: int | None = None
+    fps: float | None = None
 
     def params(self, model: str | None, method: str | None, weights: str | None) -> dict[str, Any]:
         """The generation parameters recorded in the request's PNG (see :func:`generation_params`)."""
@@ -72,20 +80,23 @@ class ImageRequest:
             highres=self.highres,
             stages=self.stages,
             strengths=self.strengths,
+            frames=self.frames,
+            fps=self.fps,
         )
 
 
 class ImageRenderer:
     """Renders :class:`ImageRequest` s with ``pipe`` (a text-to-image pipeline, or its ControlNet
-    variant for requests with a condition); the high-resolution pipeline is made on first use."""
+    variant for requests with a condition; a text-to-video pipeline for requests with frames); the
+    high-resolution pipeline is made on first use."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self._highres: HighResPipeline | None = None
 
-    def __call__(self, request: ImageRequest, progress: ProgressCallback | None = None) -> Image.Image:
-        """Render ``request``; ``progress`` is called after every denoising step (an exception it
-        raises stops the run and propagates)."""
+    def __call__(self, request: ImageRequest, progress: ProgressCallback | None = None) -> Rendered:
+        """Render ``request``: its image, or its frames when it has ``frames``; ``progress`` is called
+        after every denoising step (an exception it raises stops the run and propagates)."""
         progress = progress or (lambda _: None)
         call: dict[str, Any] = {
             "prompt": request.prompt,
@@ -100,6 +111,8 @@ class ImageRenderer:
         if request.condition is not None:
             call["image"] = request.condition.convert("RGB")
             call["controlnet_conditioning_scale"] = request.controlnet_scale
+        if request.frames is not None:
+            call["num_frames"] = request.frames
         if request.highres:
             if self._highres is None:
                 self._highres = HighResPipeline.from_pipe(self.pipe)
@@ -119,4 +132,7 @@ class ImageRenderer:
 
         tiling = contextlib.nullcontext() if request.tile is None else vae_tiling(self.pipe.vae, request.tile)
         with tiling:
-            return self.pipe(callback_on_step_end=on_step_end, **call).images[0]
+            if request.frames is None:
+                return self.pipe(callback_on_step_end=on_step_end, **call).images[0]
+            # Video pipelines return frames, as arrays unless asked for PIL images.
+            return list(self.pipe(callback_on_step_end=on_step_end, output_type="pil", **call).frames[0])

@@ -18,6 +18,7 @@ NOT_RUN = {
     "python3 -m venv": "the two opening commands: CI runs the first, test_the_main_job_renders the second's render",
     "pip install": "installs packages",
     "stable-diffusion-v1-5/": "downloads a model from the Hub",
+    "Wan-AI/": "downloads a video model from the Hub (tests/test_wan.py runs a tiny one)",
     "hf_hub_download": "downloads weights from the Hub (tests/test_clear_release.py loads that layout offline)",
     "accelerate launch": "needs several processes or GPUs",
     "lindiff demo": "starts a server; tests/test_demo.py and tests/test_demo_browser.py test the demo",

@@ -102,6 +102,7 @@ class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
     role = "transformer"
     models = (CogVideoXTransformer3DModel,)
+    frame_rate = 8
 
     def __init__(self) -> None:
         self.patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -145,6 +146,16 @@ class CogVideoXAdapter(ModelAdapter):
         height = call_default(pipe, "height") or config.sample_height * vae_factor
         width = call_default(pipe, "width") or config.sample_width * vae_factor
         return round(math.sqrt(height * width))
+
+    def frame_multiple(self, pipe: Any) -> int | None:
+        """The VAE's temporal factor (4): ``4k + 1`` frames."""
+        return int(pipe.vae_scale_factor_temporal)
+
+    def video_to_video(self, pipe: Any) -> type | None:
+        """``CogVideoXVideoToVideoPipeline`` for a text-to-video ``CogVideoXPipeline``."""
+        from diffusers import CogVideoXPipeline, CogVideoXVideoToVideoPipeline  # lazily, as in wan.py
+
+        return CogVideoXVideoToVideoPipeline if isinstance(pipe, CogVideoXPipeline) else None
 
 
 def _patch(model: nn.Module) -> tuple[int, int, int]:

@@ -94,6 +94,7 @@ class LTXAdapter(ModelAdapter):
     role = "transformer"
     models = (LTXVideoTransformer3DModel,)
     pipeline_pixel_multiple = 32
+    frame_rate = 24
 
     def __init__(self) -> None:
         self.patch_size: tuple[int, int, int] = (1, 1, 1)
@@ -145,6 +146,15 @@ class LTXAdapter(ModelAdapter):
         """Side of the square with the area of the pipeline's default ``height x width`` (px):
         600 for LTXPipeline's 512 x 704."""
         return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
+
+    def frame_multiple(self, pipe: Any) -> int | None:
+        """The VAE's temporal factor (``vae_temporal_compression_ratio``, 8): ``8k + 1`` frames."""
+        return int(pipe.vae_temporal_compression_ratio)
+
+    def video_to_video(self, pipe: Any) -> type | None:
+        """None: diffusers' LTX refiner, ``LTXConditionPipeline``, calls the transformer with
+        ``video_coords``, which this adapter refuses (see the class docstring)."""
+        return None
 
 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:

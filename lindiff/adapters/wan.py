@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -12,7 +13,14 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import GridShape, TokenGrid
-from .base import PIPELINE_PIXEL_MULTIPLE, ModelAdapter, call_default, tensor_argument
+from .base import (
+    PIPELINE_PIXEL_MULTIPLE,
+    Batch,
+    MicroConditions,
+    VideoAdapter,
+    call_default,
+    tensor_argument,
+)
 from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
 
 
@@ -78,7 +86,7 @@ class WanMixerAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class WanAdapter(ModelAdapter):
+class WanAdapter(VideoAdapter):
     """``WanTransformer3DModel`` (Wan 2.1 / 2.2, text- and image-to-video).
 
     Each block's ``attn1`` (kind ``"self"``) attends over the video tokens only; ``attn2``, the
@@ -93,11 +101,17 @@ class WanAdapter(ModelAdapter):
     ``height x width`` (832 x 480 for the 480p models; the 720p ones share that default). Frame
     counts are ``4k + 1`` (the VAE's temporal factor 4, its first frame kept), which ``WanPipeline``
     itself rounds to.
+
+    Distillation (text-to-video): prompts are encoded as ``WanPipeline`` does when it samples (T5,
+    padded to ``max_sequence_length`` tokens, no mask), and the teacher's latents stay in the
+    denoiser's normalised space (the pipeline applies the VAE's ``latents_mean``/``latents_std``
+    only before decoding). Image-to-video transformers (image tokens, condition channels) are refused.
     """
 
     name = "wan"
     role = "transformer"
     models = (WanTransformer3DModel,)
+    frame_rate = 16
 
     def __init__(self) -> None:
         self.patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -137,6 +151,51 @@ class WanAdapter(ModelAdapter):
         """Side of the square with the area of the pipeline's default ``height x width`` (px):
         632 for Wan's 832 x 480."""
         return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
+
+    def video_to_video(self, pipe: Any) -> type | None:
+        """``WanVideoToVideoPipeline`` for a text-to-video ``WanPipeline`` with one transformer (not
+        image-to-video, not Wan 2.2's two experts, which it has no place for)."""
+        from diffusers import WanPipeline, WanVideoToVideoPipeline  # pipelines import transformers: lazily
+
+        if not isinstance(pipe, WanPipeline) or getattr(pipe, "transformer_2", None) is not None:
+            return None
+        if importlib.util.find_spec("ftfy") is None:  # diffusers 0.42 calls it without checking
+            raise ImportError(
+                "WanVideoToVideoPipeline cleans prompts with ftfy, which is not installed: "
+                "pip install 'lindiff[video]' (or ftfy)"
+            )
+        return WanVideoToVideoPipeline
+
+    def check_distillation(self, pipe: Any, num_frames: int | None) -> None:
+        super().check_distillation(pipe, num_frames)
+        config = pipe.transformer.config
+        if config.image_dim is not None or config.in_channels != config.out_channels:
+            raise ValueError(
+                f"{type(pipe).__name__}: distillation trains Wan text-to-video transformers; this one takes "
+                f"image conditions (image_dim={config.image_dim}, in_channels={config.in_channels}, "
+                f"out_channels={config.out_channels})"
+            )
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        embeds, _ = pipe.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=call_default(pipe, "max_sequence_length"),
+            device=device,
+        )
+        return {"prompt_embeds": embeds}
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        return denoiser(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=batch["prompt_embeds"],
+            return_dict=False,
+        )[0]
 
 
 def token_grid(latent_shape: torch.Size | tuple[int, int, int], patch: tuple[int, int, int]) -> GridShape:

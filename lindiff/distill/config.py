@@ -94,6 +94,13 @@ class DistillConfig:
         default=None, metadata=_help("latent cache folder (default OUTPUT_DIR/cache)")
     )
     resolution: int = field(default=512, metadata=_help("training image size in pixels (square)"))
+    num_frames: int | None = field(
+        default=None,
+        metadata=_help(
+            "video pipelines: frames of each teacher sample (training clip) and validation video, as the "
+            "family allows (Wan: 4k + 1, e.g. 17); leave unset for images"
+        ),
+    )
     latent_scales: list[int] = field(
         default_factory=lambda: [1],
         metadata=_help(
@@ -205,6 +212,11 @@ class DistillConfig:
             raise ValueError(f"prompts={str(self.prompts)!r}: no such file (expected one prompt per line)")
         if self.image_folder is not None and not Path(self.image_folder).is_dir():
             raise ValueError(f"image_folder={str(self.image_folder)!r} is not a folder")
+        if self.num_frames is not None and self.image_folder is not None:
+            raise ValueError(
+                f"num_frames={self.num_frames!r} trains on video clips, which only the teacher's samples "
+                "provide (prompts); image_folder data trains image families"
+            )
         self._check_model()
         self._check_control()
         if self.export_format == "clear" and self.method != "clear":
@@ -298,6 +310,9 @@ class DistillConfig:
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in scales)
         ):
             raise ValueError(f"latent_scales must be a non-empty list of integers >= 1, got {scales!r}")
+        frames = self.num_frames
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise ValueError(f"num_frames must be None (images) or an integer >= 1, got {frames!r}")
         if self.validation_size is not None and (
             not isinstance(self.validation_size, int) or self.validation_size < 1
         ):

@@ -1,6 +1,7 @@
 """The two data sources, each turned once into a latent cache (see :mod:`lindiff.distill.data`).
 
-- Prompts: the teacher pipeline samples latents for each prompt with fixed seeds.
+- Prompts: the teacher pipeline samples latents for each prompt with fixed seeds (video
+  pipelines: clips of ``num_frames`` frames, latents ``(C, F, h, w)``).
 - An image folder: images with a ``.txt`` caption beside each or a ``metadata.jsonl``
   (``{"file_name": ..., "text": ...}`` per line), resized and center-cropped to the training
   size and encoded by the VAE. Images that cannot be decoded are skipped and counted.
@@ -191,10 +192,13 @@ def guidance_scale(pipe: Any, config: Any) -> float:
     )
 
 
-def _sampling_arguments(pipe: Any, adapter: ModelAdapter, size: int) -> dict[str, Any]:
-    """What the teacher's sampling call needs beyond the prompts: the family's options, and for a
-    ControlNet pipeline a blank control image at conditioning scale 0 (the base model samples)."""
-    arguments = adapter.generation_options(pipe)
+def _sampling_arguments(
+    pipe: Any, adapter: ModelAdapter, size: int, num_frames: int | None
+) -> dict[str, Any]:
+    """What the teacher's sampling call needs beyond the prompts: the family's options and frame
+    count, and for a ControlNet pipeline a blank control image at conditioning scale 0 (the base
+    model samples)."""
+    arguments = {**adapter.generation_options(pipe), **adapter.frame_options(num_frames)}
     if has_controlnet(pipe):
         blank = Image.new("RGB", (size, size))
         arguments.update(control_arguments(pipe, blank), controlnet_conditioning_scale=0.0)
@@ -247,22 +251,24 @@ def generated_cache(
         for i, p in enumerate(p for p in prompts for _ in range(config.samples_per_prompt))
     ]
     size = config.resolution
-    latent_size = size // int(getattr(pipe, "vae_scale_factor", 8))
+    latent_shape = adapter.latent_shape(pipe, size, config.num_frames)
     scale = guidance_scale(pipe, config)
     settings = {"size": size, "steps": config.generation_steps, "guidance_scale": scale}
+    if config.num_frames is not None:  # image caches keep their keys
+        settings["frames"] = config.num_frames
     control_name = preprocessor_name(config.control_preprocessor) if control else None
     key = cache_key(
         {"format": CACHE_FORMAT, "model": identity, "items": items, "control": control_name, **settings}
     )
     micro = (size, size, 0, 0, size, size)
-    sampling = _sampling_arguments(pipe, adapter, size)
+    sampling = _sampling_arguments(pipe, adapter, size, config.num_frames)
 
     def work(writer: CacheWriter, mine: list[int]) -> None:
         bar = tqdm(total=len(mine), desc="teacher samples", disable=not accelerator.is_local_main_process)
         for chunk in _chunks(mine, config.generation_batch_size):
             texts = [items[i][0] for i in chunk]
             with torch.no_grad():
-                latents = pipe(
+                output = pipe(
                     prompt=texts,
                     height=size,
                     width=size,
@@ -271,8 +277,8 @@ def generated_cache(
                     generator=[torch.Generator().manual_seed(items[i][1]) for i in chunk],
                     output_type="latent",
                     **sampling,
-                ).images
-                latents = adapter.unpack_latents(latents, latent_size, latent_size)
+                )
+                latents = adapter.sampled_latents(output, latent_shape)
                 cond = _conditions(
                     pipe, denoiser, adapter, texts, accelerator.device, [micro] * len(chunk), scale
                 )

@@ -130,6 +130,7 @@ class Distiller:
             guidance_scale(self.pipe, config),
             autocast=self.accelerator.autocast,
             arguments=self._validation_arguments(),
+            adapter=self.adapter,
         )
         self.log = RunLog(self.accelerator, self.output_dir)
         self.stop = GracefulStop()
@@ -159,7 +160,11 @@ class Distiller:
         return student
 
     def _check_options(self) -> None:
-        """The options that need the pipeline: image sizes, and a CLEAR export of a FLUX model."""
+        """The options that need the pipeline: image sizes, frames, and a CLEAR export of a FLUX model."""
+        try:
+            self.adapter.check_distillation(self.pipe, self.config.num_frames)
+        except ValueError as error:
+            raise SetupError(str(error)) from error
         multiple = self.adapter.size_multiple(self.pipe)
         sizes = {"resolution": self.config.resolution, "validation_size": self.config.validation_size}
         for name, size in sizes.items():
@@ -240,13 +245,11 @@ class Distiller:
 
     def _validation_arguments(self) -> list[dict[str, Any]]:
         controls = None
+        count = len(self.config.validation_prompts)
         if self.controlnet:
-            count = len(self.config.validation_prompts)
             controls = [self.dataset[i % len(self.dataset)][CONTROL] for i in range(count)]
         size = self.config.validation_size or self.config.resolution
-        return sampling_arguments(
-            self.pipe, self.adapter, len(self.config.validation_prompts), size, controls
-        )
+        return sampling_arguments(self.pipe, self.adapter, count, size, controls, self.config.num_frames)
 
     def unwrapped_student(self) -> torch.nn.Module:
         """The student denoiser without accelerate's wrappers (DDP, compile)."""
@@ -403,6 +406,8 @@ class Distiller:
         config = self.config
         data: dict[str, Any] = {"source": self.dataset.index.get("source"), "samples": len(self.dataset)}
         data.update({"resolution": config.resolution, "latent_scales": list(config.latent_scales)})
+        if config.num_frames is not None:
+            data["num_frames"] = config.num_frames
         if config.prompts is not None:
             data.update(
                 generation_steps=config.generation_steps, guidance_scale=guidance_scale(self.pipe, config)

@@ -30,7 +30,10 @@ class Validator:
         role: the pipeline attribute of the denoiser (``"unet"``, ``"transformer"``).
         prompts: one column each; prompt ``i`` is sampled with seed ``seed + i``.
         autocast: context-manager factory for mixed precision (``accelerator.autocast``).
-        arguments: extra pipeline arguments per prompt (a ControlNet pipeline's control image).
+        arguments: extra pipeline arguments per prompt (the frame count of a video pipeline, a
+            ControlNet pipeline's control image).
+        adapter: the family's adapter, which picks one image per sample out of the pipeline's
+            output (a video's first frame); ``None``: the output's ``images``.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class Validator:
         guidance_scale: float,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         arguments: list[dict[str, Any]] | None = None,
+        adapter: ModelAdapter | None = None,
     ) -> None:
         self.pipe = pipe
         self.role = role
@@ -56,6 +60,7 @@ class Validator:
         self.guidance_scale = guidance_scale
         self.autocast = autocast
         self.arguments = arguments or [{} for _ in prompts]
+        self.adapter = adapter
         self._teacher: list[Image.Image] | None = None
 
     def _sample(self) -> list[Image.Image]:
@@ -72,7 +77,7 @@ class Validator:
                     output_type="pil",
                     **self.arguments[i],
                 )
-            images.append(out.images[0])
+            images.append(self.adapter.sampled_images(out)[0] if self.adapter else out.images[0])
         return images
 
     def run(self, student: nn.Module, step: int) -> Path:
@@ -95,16 +100,22 @@ class Validator:
 
 
 def sampling_arguments(
-    pipe: Any, adapter: ModelAdapter, count: int, size: int, controls: list[torch.Tensor] | None = None
+    pipe: Any,
+    adapter: ModelAdapter,
+    count: int,
+    size: int,
+    controls: list[torch.Tensor] | None = None,
+    num_frames: int | None = None,
 ) -> list[dict[str, Any]]:
     """Extra ``pipe(...)`` arguments for ``count`` validation samples of ``size`` px: the family's
-    sampling options and, for a ControlNet pipeline, its control image.
+    sampling options and frame count (``num_frames``, video) and, for a ControlNet pipeline, its
+    control image.
 
     Args:
         controls: control images ``(3, H, W)`` in [0, 1], one per sample, when the ControlNet is
             what trains; ``None`` samples with the ControlNet off (a blank image at scale 0).
     """
-    options = adapter.generation_options(pipe)
+    options = {**adapter.generation_options(pipe), **adapter.frame_options(num_frames)}
     if not has_controlnet(pipe):
         return [options] * count
     if controls is None:
