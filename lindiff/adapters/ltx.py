@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
-from .base import ModelAdapter, call_default, tensor_argument
+from .base import Batch, MicroConditions, VideoAdapter, call_default, tensor_argument
 from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
 from .wan import token_grid
 
@@ -72,7 +72,7 @@ class LTXMixerAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class LTXAdapter(ModelAdapter):
+class LTXAdapter(VideoAdapter):
     """``LTXVideoTransformer3DModel`` (LTX-Video 0.9.x, text- and image-to-video).
 
     Each block's ``attn1`` (kind ``"self"``) attends over the video tokens only; ``attn2``, the
@@ -88,6 +88,14 @@ class LTXAdapter(ModelAdapter):
     Sizes: ``LTXPipeline`` wants height and width divisible by 32 (the VAE's spatial factor, 32
     in the released models, times ``p``). The native size is the area of its default 512 x 704
     px. Frame counts are ``8k + 1`` (the VAE's temporal factor 8, its first frame kept).
+
+    Distillation (text-to-video) calls the transformer as ``LTXPipeline`` does when it samples:
+    T5 embeddings padded to ``max_sequence_length`` tokens with their attention mask, timesteps
+    ``sigma x 1000``, latents packed frame-major and the latent ``(F, H, W)`` beside them, and the
+    RoPE interpolation scale ``(t / frame_rate, s, s)`` of the VAE's factors ``t`` and ``s`` and the
+    pipeline's default ``frame_rate``. The teacher's latents (``output_type="latent"``: packed, in
+    the denoiser's normalised space, the VAE's ``latents_mean``/``latents_std`` applied only before
+    decoding) are unpacked to ``(B, C, F, H, W)`` for the cache and packed again for each call.
     """
 
     name = "ltx"
@@ -155,6 +163,75 @@ class LTXAdapter(ModelAdapter):
         """None: diffusers' LTX refiner, ``LTXConditionPipeline``, calls the transformer with
         ``video_coords``, which this adapter refuses (see the class docstring)."""
         return None
+
+    def spatial_factor(self, pipe: Any) -> int:
+        """The VAE's spatial factor (``vae_spatial_compression_ratio``, 32)."""
+        return int(pipe.vae_spatial_compression_ratio)
+
+    def latent_shape(self, pipe: Any, size: int, num_frames: int | None) -> tuple[int, ...]:
+        """``(F, H, W)`` latent pixels; records the patch ``pipe`` packs with, which
+        :meth:`sampled_latents` unpacks."""
+        self.patch_size = _patch(pipe.transformer)
+        return super().latent_shape(pipe, size, num_frames)
+
+    def sampled_latents(self, output: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        """``LTXPipeline(output_type="latent")``'s packed ``(B, N, C x p_t x p x p)`` -> ``(B, C, F, H, W)``."""
+        return unpack(output.frames, shape, self.patch_size)
+
+    def encode_prompts(
+        self, pipe: Any, denoiser: nn.Module, prompts: list[str], device: torch.device, micro: MicroConditions
+    ) -> Batch:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=call_default(pipe, "max_sequence_length"),
+            device=device,
+        )
+        # integers, so that casting the conditions to the training dtype leaves 1 / frame_rate exact
+        factors = [
+            pipe.vae_temporal_compression_ratio,
+            call_default(pipe, "frame_rate"),
+            self.spatial_factor(pipe),
+        ]
+        rope = torch.tensor([factors] * len(prompts), dtype=torch.long, device=device)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "rope_factors": rope}
+
+    def predict(
+        self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        """``noisy``: ``(B, C, F, H, W)``; returns the prediction in the same layout."""
+        patch = _patch(denoiser)
+        temporal, frame_rate, spatial = batch["rope_factors"][0].tolist()
+        frames, height, width = noisy.shape[2:]
+        out = denoiser(
+            hidden_states=pack(noisy, patch),
+            encoder_hidden_states=batch["prompt_embeds"],
+            timestep=timesteps,
+            encoder_attention_mask=batch["prompt_attention_mask"],
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(temporal / frame_rate, spatial, spatial),
+            return_dict=False,
+        )[0]
+        return unpack(out, (frames, height, width), patch)
+
+
+def pack(latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """``(B, C, F, H, W)`` -> ``(B, F/p_t x H/p x W/p, C x p_t x p x p)``, as ``LTXPipeline`` packs:
+    frame-major tokens, each the channels then the ``(p_t, p, p)`` patch."""
+    b, c, f, h, w = latents.shape
+    p_t, p, _ = patch
+    tokens = latents.reshape(b, c, f // p_t, p_t, h // p, p, w // p, p)
+    return tokens.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def unpack(tokens: torch.Tensor, shape: tuple[int, ...], patch: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of :func:`pack`: ``(B, N, D)`` -> ``(B, C, F, H, W)`` for ``shape = (F, H, W)``."""
+    f, h, w = shape
+    p_t, p, _ = patch
+    latents = tokens.reshape(tokens.shape[0], f // p_t, h // p, w // p, -1, p_t, p, p)
+    return latents.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:
