@@ -1,8 +1,9 @@
 """Non-causal linear attention: public entry point.
 
-Four layers: the Triton kernels and, beside them, their launchers (``triton_linear_attention.py``),
-the ``torch.library`` custom ops with autograd and fake implementations (``autograd.py``), and this
-public function, which validates and dispatches. With ``backend="auto"`` CUDA tensors run the fused Triton kernels (when
+Four layers: the Triton kernels and, beside them, their launchers (``triton_linear_attention.py``,
+with tile sizes, grid splits, dot operand dtypes and their ``LINDIFF_LINEAR_*`` environment
+overrides in ``config.py``), the ``torch.library`` custom ops with autograd and fake
+implementations (``autograd.py``), and this public function, which validates and dispatches. With ``backend="auto"`` CUDA tensors run the fused Triton kernels (when
 Triton is installed); anything else runs the plain-PyTorch reference in ``reference.py``, which is
 also what the Triton kernels are tested against.
 

@@ -3,7 +3,9 @@
 The op dispatches on the device of its inputs: CUDA tensors run FlexAttention with block masks
 built from the window geometry (``flex.py``, ``tiling.py``); anything else runs the exact
 chunked PyTorch path (``chunked.py``). Both are tested against the dense reference in
-``reference.py``.
+``reference.py``. Where compiled FlexAttention reaches Dynamo's recompile limit (too many
+geometries in one process), the call warns and runs the chunked path, never FlexAttention's
+eager fall-back with its dense ``N x N`` scores.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import functools
 import logging
 import math
 import numbers
+import warnings
 
 import torch
 
 from .chunked import local_attention_chunked
-from .flex import clear_plan_cache, flex_available, local_attention_flex, plan_cache_info
+from .flex import RecompileLimitError, clear_plan_cache, flex_available, local_attention_flex, plan_cache_info
 from .reference import as_grid3, local_attention_reference, radius_threshold, window_mask
 from .states import merge_attention_states
 from .tiling import BLOCK_SIZE, choose_tile
@@ -28,6 +31,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 __all__ = [
     "BACKENDS",
     "LAYOUTS",
+    "RecompileLimitError",
     "clear_plan_cache",
     "local_attention",
     "local_attention_reference",
@@ -208,4 +212,12 @@ def local_attention(
     if _select_backend(backend, q) == "chunked":
         return local_attention_chunked(q, k, v, grid3, r2, global_kv, scale, layout, return_lse)
     tile3 = choose_tile(grid3, r2) if tile is None else as_grid3(tile)
-    return local_attention_flex(q, k, v, grid3, r2, tile3, global_kv, scale, layout, return_lse)
+    try:
+        return local_attention_flex(q, k, v, grid3, r2, tile3, global_kv, scale, layout, return_lse)
+    except RecompileLimitError as error:
+        message = (
+            f"{error} local_attention runs the exact chunked path for grid {tuple(grid)} instead (slower)."
+        )
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return local_attention_chunked(q, k, v, grid3, r2, global_kv, scale, layout, return_lse)
