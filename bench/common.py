@@ -6,12 +6,13 @@ the one the renderer and the demo use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,3 +85,41 @@ def measure_step(step: Callable[[], object], repeats: int, memory: PeakMemory) -
         peak = memory.added_bytes() / 2**20
         times = [time_call(step, memory.device) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warmup, "peak_mib": peak}
+
+
+def sage_attention() -> tuple[Callable | None, str]:
+    """SageAttention as a drop-in for ``F.scaled_dot_product_attention``, or ``None``, and a note.
+
+    The function takes SDPA's ``(B, H, N, D)`` arguments; calls with a mask, dropout or another
+    option set (``enable_gqa=True``) go to SDPA.
+    """
+    try:
+        import sageattention
+        from sageattention import sageattn
+    except Exception as error:  # ImportError, or a CUDA extension that does not load
+        return (
+            None,
+            f"SageAttention baseline skipped: sageattention does not import ({type(error).__name__}: {error})",
+        )
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or dropout_p or any(kwargs.values()):
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return sageattn(query, key, value, tensor_layout="HND", is_causal=is_causal, sm_scale=scale)
+
+    return attention, f"sageattention {getattr(sageattention, '__version__', '(version unknown)')}"
+
+
+@contextlib.contextmanager
+def sdpa_replaced(attention: Callable) -> Iterator[None]:
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is ``attention``.
+
+    For a baseline only (diffusers' processors call SDPA through that name): not thread-safe.
+    """
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original

@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from common import (  # bench/ is on sys.path when run as a script
     device_label,
+    sage_attention,
     save_results,
+    sdpa_replaced,
     time_call,
 )
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
@@ -135,11 +137,17 @@ def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return value
 
 
+# Softmax baselines, run on the model as built: name -> context the step runs in (main adds
+# ``softmax_sage`` where SageAttention imports).
+BASELINES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {"softmax": contextlib.nullcontext}
+
+
 @contextlib.contextmanager
 def variant(model: nn.Module, name: str) -> Iterator[None]:
-    """Run the body with ``model`` converted to variant ``name`` (``"softmax"``: as built)."""
-    if name == "softmax":
-        yield
+    """Run the body with ``model`` converted to variant ``name`` (a baseline: as built)."""
+    if name in BASELINES:
+        with BASELINES[name]():
+            yield
         return
     lindiff.linearize(model, **VARIANTS[name])
     try:
@@ -155,7 +163,7 @@ def measure_size(model: nn.Module, inputs: dict[str, Any], repeats: int, memory:
     def step() -> None:
         model(**inputs, return_dict=False)
 
-    names = ["softmax", *VARIANTS]
+    names = [*BASELINES, *VARIANTS]
     results = {name: {"times_s": []} for name in names}
     with torch.inference_mode():
         for name in names:
@@ -172,8 +180,16 @@ def measure_size(model: nn.Module, inputs: dict[str, Any], repeats: int, memory:
     return results
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    """Time softmax and every variant at every size on one model; prints a table, returns the record."""
+def run_model(
+    name: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    record: dict,
+    save: Callable[[], object],
+) -> None:
+    """Time the baselines and every variant at every size on one model; prints a table and fills
+    ``record`` (``config``, ``parameters``, ``text_tokens``, ``rows``), calling ``save`` after each size."""
     spec = MODELS[name]
     config = model_config(name, args)
     torch.manual_seed(0)
@@ -185,7 +201,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     header += "".join(f" {v + ' s':>9} {'x':>6}" for v in VARIANTS)
     header += f" {'softmax MiB':>12}" + "".join(f" {v + ' MiB':>10} {'x':>6}" for v in VARIANTS)
     print(header)
-    rows = []
+    record.update(config=config, parameters=params, text_tokens=spec.text_tokens, rows=[])
     for size in args.sizes:
         inputs = spec.inputs(spec, size, args.batch, torch.Generator().manual_seed(0))
         row = {"size": size, "image_tokens": (size // PIXELS_PER_TOKEN) ** 2}
@@ -194,7 +210,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
         for v in VARIANTS:
             row[f"{v}_time_ratio"] = row[v]["median_s"] / base["median_s"]
             row[f"{v}_memory_ratio"] = row[v]["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else None
-        rows.append(row)
+            if "softmax_sage" in row:
+                row[f"{v}_time_ratio_vs_softmax_sage"] = row[v]["median_s"] / row["softmax_sage"]["median_s"]
+        record["rows"].append(row)
+        save()
         line = f"{size:>6} {row['image_tokens']:>7} {base['median_s']:>10.3f}"
         line += "".join(f" {row[v]['median_s']:>9.3f} {row[f'{v}_time_ratio']:>6.3f}" for v in VARIANTS)
         line += f" {base['peak_mib']:>12.0f}"
@@ -202,7 +221,6 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
             ratio = row[f"{v}_memory_ratio"]
             line += f" {row[v]['peak_mib']:>10.0f} {'-' if ratio is None else f'{ratio:.3f}':>6}"
         print(line, flush=True)
-    return {"config": config, "parameters": params, "text_tokens": spec.text_tokens, "rows": rows}
 
 
 def model_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--quick", action="store_true", help="256 and 512 px, 2 timed steps")
+    parser.add_argument("--sage", action="store_true", help="also softmax with SageAttention, if it imports")
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/dit_step-<device>.json)"
     )
@@ -259,8 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    print(f"DiT step on {device_label(device)}, {dtype}, batch {args.batch}, median of {args.repeats}")
-    results = {name: run_model(name, args, device, dtype) for name in args.models}
+    sage, sage_note = sage_attention() if args.sage else (None, None)
+    if sage is not None:
+        BASELINES["softmax_sage"] = lambda: sdpa_replaced(sage)
     result = {
         "benchmark": "dit_step",
         "description": f"one transformer step with random weights, FLUX.1-dev widths with {args.flux_blocks[0]} "
@@ -275,10 +295,21 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
             "sizes": args.sizes,
             "variants": VARIANTS,
+            "baselines": list(BASELINES),
         },
-        "models": results,
+        "sage": sage_note,
+        "models": {},
+        "complete": False,
     }
-    path = save_results(result, args.out or f"dit_step-{device_label(device, short=True)}.json")
+    path = args.out or f"dit_step-{device_label(device, short=True)}.json"
+    print(f"DiT step on {device_label(device)}, {dtype}, batch {args.batch}, median of {args.repeats}")
+    if sage_note:
+        print(sage_note)
+    for name in args.models:
+        result["models"][name] = {}
+        run_model(name, args, device, dtype, result["models"][name], lambda: save_results(result, path))
+    result["complete"] = True
+    path = save_results(result, path)
     print(f"saved {path}")
     return result
 

@@ -23,14 +23,24 @@ reference on CPU).
     python bench/kernel_speed.py            # CUDA: N = 1K..1M (powers of 4), all shapes
     python bench/kernel_speed.py --quick    # CPU smoke run: reference vs SDPA at small N, < 2 min
 
+Local attention at FLUX's token counts (``--sections local_flux``): CLEAR's window (radius 16
+tokens, 512 text tokens global, 24 heads x 128) on the image-token grids of 2048 and 4096 px
+(128 x 128 and 256 x 256) against SDPA over all keys, with the plan build, the first call
+(which compiles FlexAttention for the geometry on CUDA) and the steady state timed apart.
+
+    python bench/kernel_speed.py --sections local_flux linear --ns 4096 16384 65536 262144 1048576 \
+        --shapes sd15-d40 sdxl-h10 flux --no-reference     # what bench/gpu_check.sh runs
+
 Results go to ``bench/results/kernels-<device>[-quick].json`` (+ ``.png`` when matplotlib is
-installed). ``--sections local`` adds the local-window attention sweep of
-``bench/local_attention.py`` (its presets; see that script for what it compares).
+installed, unless ``--no-plot``), rewritten after every record so that a run cut short keeps
+what it measured (``"complete": false``). ``--sections local`` adds the local-window attention
+sweep of ``bench/local_attention.py`` (its presets; see that script for what it compares).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import platform
 import statistics
@@ -39,11 +49,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import device_label, median_ms, save_results  # bench/ is on sys.path when run as a script
+from common import device_label, median_ms, save_results, time_call  # bench/ is on sys.path as a script
 from local_attention import bench_local
 
 import lindiff
 from lindiff.kernels.linear_attention import linear_attention
+from lindiff.kernels.local_attention import clear_plan_cache, local_attention
+from lindiff.kernels.local_attention.flex import get_plan
+from lindiff.kernels.local_attention.reference import radius_threshold
+from lindiff.kernels.local_attention.tiling import choose_tile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # name -> (batch, heads, head dim)
@@ -56,6 +70,9 @@ SHAPES = {
 }
 FULL = {"ns": [4**i for i in range(5, 11)], "shapes": list(SHAPES), "repeats": 10, "sdpa_max_n": 65536}
 QUICK = {"ns": [1024, 4096], "shapes": ["sd15-d40", "sdxl-h10"], "repeats": 3, "sdpa_max_n": 4096}
+# CLEAR on FLUX: square image-token grids (2048 and 4096 px), window radius, text tokens, heads, dim.
+LOCAL_FLUX = {"grids": [128, 256], "radius": 16, "num_global": 512, "heads": 24, "dim": 128}
+LOCAL_FLUX_QUICK = {"grids": [16, 24], "radius": 4, "num_global": 16, "heads": 2, "dim": 32}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        "--local-grids", type=int, nargs="+", default=None, help="local_flux grid sides (default 128 256)"
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="on CUDA, skip the PyTorch reference (time)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="write no .png beside the JSON")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     return parser
 
@@ -91,6 +115,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "dtype": args.dtype or ("bf16" if device.startswith("cuda") else "fp32"),
         "repeats": args.repeats or preset["repeats"],
         "sdpa_max_n": args.sdpa_max_n or preset["sdpa_max_n"],
+        "reference": not args.no_reference,
+        "local_flux": {**(LOCAL_FLUX_QUICK if args.quick else LOCAL_FLUX)}
+        | ({"grids": args.local_grids} if args.local_grids else {}),
         "threads": torch.get_num_threads(),
     }
 
@@ -148,15 +175,16 @@ def time_method(
     return results[0], results[1]
 
 
-def bench_linear(settings: dict) -> list[dict]:
+def bench_linear(settings: dict, emit: Callable[[dict], None]) -> None:
     """Linear attention: one record per (shape, N) with times, bandwidth fractions and ratios."""
     device = torch.device(settings["device"])
     dtype = DTYPES[settings["dtype"]]
     repeats = settings["repeats"]
     lindiff_method = "triton" if device.type == "cuda" else "reference"
-    methods = [lindiff_method, *(["reference"] if lindiff_method == "triton" else []), "sdpa"]
+    with_reference = lindiff_method == "triton" and settings["reference"]
+    methods = [lindiff_method, *(["reference"] if with_reference else []), "sdpa"]
     copy_bps = copy_bandwidth(device, repeats)
-    records = []
+    print_header()
     for shape in settings["shapes"]:
         batch, heads, dim = SHAPES[shape]
         sdpa_points: dict[str, list[tuple[int, float]]] = {"fwd": [], "fwd_bwd": []}
@@ -204,12 +232,85 @@ def bench_linear(settings: dict) -> list[dict]:
                 for key in ("fwd", "fwd_bwd")
                 if record["ms"].get(f"{base}_{key}") and record["ms"].get(f"{lindiff_method}_{key}")
             }
-            records.append(record)
+            emit(record)
             print_row(record)
-    return records
 
 
-SECTIONS: dict[str, Callable[[dict], list[dict]]] = {"linear": bench_linear, "local": bench_local}
+def bench_local_flux(settings: dict, emit: Callable[[dict], None]) -> None:
+    """``local_attention`` with CLEAR's window at FLUX's image-token grids against SDPA over all keys."""
+    print(
+        f"{'grid':>9} {'tokens':>7} {'plan s':>7} {'first s':>8} {'local ms':>9} {'sdpa ms':>9} {'x sdpa':>7}"
+    )
+    for side in settings["local_flux"]["grids"]:
+        r = local_flux_point(side, settings)
+        emit(r)
+        print(
+            f"{side}x{side:<5} {r['tokens']:>7} {_fmt(r['plan_build_s'], '.3f'):>7} {r['first_call_s']:>8.3f} "
+            f"{r['local_ms']:>9.3f} {r['sdpa_ms']:>9.3f} {r['speedup_vs_sdpa']:>7.2f}",
+            flush=True,
+        )
+
+
+def local_flux_point(side: int, settings: dict) -> dict:
+    """One grid of ``bench_local_flux``: plan build, first call and steady state timed apart.
+
+    The plan (token order + block mask) is built on a cleared cache and the first call runs
+    after ``torch._dynamo.reset()``, as a pipeline's first step at a new resolution sees them;
+    the steady state is the median of ``repeats`` calls after them. Without CUDA the op runs its
+    chunked path, which has no plan.
+    """
+    device, dtype, repeats = torch.device(settings["device"]), DTYPES[settings["dtype"]], settings["repeats"]
+    cfg = settings["local_flux"]
+    heads, dim, radius, num_global = cfg["heads"], cfg["dim"], cfg["radius"], cfg["num_global"]
+    tokens, grid3 = side * side, (1, side, side)
+    q, k, v = (torch.randn(1, tokens, heads, dim, device=device, dtype=dtype) for _ in range(3))
+    k_g, v_g = (torch.randn(1, num_global, heads, dim, device=device, dtype=dtype) for _ in range(2))
+    r2 = radius_threshold(radius, grid3)
+    tile = choose_tile(grid3, r2)
+    plan_s = None
+    if device.type == "cuda":
+        clear_plan_cache()
+        torch._dynamo.reset()
+        plan_s = time_call(functools.partial(get_plan, grid3, r2, tile, num_global, q.device), device)
+    call = functools.partial(local_attention, q, k, v, grid=(side, side), radius=radius, global_kv=(k_g, v_g))
+    qh, kh, vh = (
+        q.transpose(1, 2),
+        torch.cat([k, k_g], 1).transpose(1, 2),
+        torch.cat([v, v_g], 1).transpose(1, 2),
+    )
+    with torch.no_grad():
+        first_s = time_call(call, device)
+        local = median_ms(call, device, repeats)
+        sdpa = median_ms(functools.partial(F.scaled_dot_product_attention, qh, kh, vh), device, repeats)
+    return {
+        "grid": [side, side],
+        "tokens": tokens,
+        "radius": radius,
+        "num_global": num_global,
+        "heads": heads,
+        "dim": dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": "flex" if device.type == "cuda" else "chunked",
+        "tile": list(tile[1:]),
+        "plan_build_s": plan_s,
+        "first_call_s": first_s,
+        "local_ms": local,
+        "sdpa_ms": sdpa,
+        "speedup_vs_sdpa": sdpa / local,
+    }
+
+
+def _bench_local(settings: dict, emit: Callable[[dict], None]) -> None:
+    """``bench/local_attention.py``'s sweep (its presets) as a section."""
+    for record in bench_local(settings):
+        emit(record)
+
+
+SECTIONS: dict[str, Callable[[dict, Callable[[dict], None]], None]] = {
+    "linear": bench_linear,
+    "local": _bench_local,
+    "local_flux": bench_local_flux,
+}
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -300,17 +401,24 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "settings": settings,
         "records": [],
+        "complete": False,
     }
+    suffix = "-quick" if settings["quick"] else ""
+    path = args.out or f"kernels-{device_label(device, short=True)}{suffix}.json"
+
+    def emit(record: dict) -> None:
+        result["records"].append({"section": name, **record})
+        save_results(result, path)
+
     print(f"{result['device']}  torch {torch.__version__}  triton {triton_version}  {settings['dtype']}")
     print("ratios are baseline time / lindiff time; * = SDPA extrapolated quadratically")
     for name in args.sections or SECTIONS:
         print(f"\n[{name}]")
-        print_header()
-        result["records"] += [{"section": name, **record} for record in SECTIONS[name](settings)]
-    suffix = "-quick" if settings["quick"] else ""
-    path = save_results(result, args.out or f"kernels-{device_label(device, short=True)}{suffix}.json")
+        SECTIONS[name](settings, emit)
+    result["complete"] = True
+    path = save_results(result, path)
     print(f"\nwrote {path}")
-    png = plot(result["records"], path.with_suffix(".png"))
+    png = None if args.no_plot else plot(result["records"], path.with_suffix(".png"))
     if png is not None:
         print(f"wrote {png}")
     return result
