@@ -134,21 +134,95 @@ def test_inner_dim_stride():
 
 @pytest.mark.parametrize("sms", [1, 64])
 def test_split_counts(monkeypatch, sms):
-    """One program per head walking many tiles, and many splits of one or two tiles each."""
+    """One program per head walking all ten tiles, or several splits (of one tile each in the
+    output pass; the state pass keeps at least its minimum of tiles per split)."""
     monkeypatch.setattr(tla, "_sm_count", lambda device: sms)
-    device = torch.device(DEVICE)
-    splits, per_split = tla._split(300, 2, tla._config(32, 32, torch.float32, device), device)
-    assert (splits > 1) == (sms > 1) and (per_split > 1) == (sms == 1)
+    p = tla._problem(*(torch.empty(1, 300, 2, 32, device=DEVICE) for _ in range(3)), "bnhd")
+    st, out = tla.forward_plan(p).state, tla.forward_plan(p).output
+    if sms == 1:
+        assert st.splits == out.splits == 1
+    else:
+        assert st.splits > 1 and out.tiles_per_split == 1
     compare(n_q=300, dim=32)
 
 
-def test_split_plan_is_bounded_by_programs():
-    cfg = tla._config(64, 64, torch.float16, torch.device("cpu"))
-    target = tla.PROGRAMS_PER_SM * tla.INTERPRETER_SMS
-    for n in (1, 31, 32, 33, 1000, 1 << 20):
-        splits, per_split = tla._split(n, 1, cfg, torch.device("cpu"))
-        tiles = -(-n // cfg.block_n)
-        assert 1 <= splits <= target and splits * per_split >= tiles > (splits - 1) * per_split
+class LaunchRecorder:
+    """Stands in for a kernel: records each launch's grid and keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+KERNELS = ("_state_partials_kernel", "_output_kernel", "_query_grad_kernel", "_key_grad_kernel")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "token", "state", "precision"),
+    [
+        (torch.bfloat16, "bf16", "bf16", "tf32"),
+        (torch.float16, "fp16", "fp32", "tf32"),
+        (torch.float32, "fp32", "fp32", "ieee"),
+    ],
+)
+def test_launchers_pass_operand_dtypes_and_put_state_tiles_first(monkeypatch, dtype, token, state, precision):
+    """bfloat16 multiplies bfloat16 operands (the states too); float16 keeps TF32 against the states."""
+    recorders = {name: LaunchRecorder(getattr(tla, name)) for name in KERNELS}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(tla, name, recorder)
+    monkeypatch.setenv("LINDIFF_LINEAR_BLOCK_D", "16")  # D = 40 in three state-row tiles
+    monkeypatch.setenv("LINDIFF_LINEAR_BLOCK_DV", "16")  # D_v = 24 in two value tiles
+    compare(n_q=70, dim=40, dim_v=24, dtype=dtype)
+    emulate = DEVICE != "cuda"
+    for name, recorder in recorders.items():
+        ((grid, kwargs),) = recorder.launches
+        assert kwargs["PRECISION"] == precision and kwargs["EMULATE"] == emulate
+        assert kwargs["HEAD_DIM"] == 40 and kwargs["VALUE_DIM"] == 24 and kwargs["BLOCK_DV"] == 16
+        assert grid[2] == 2  # batch * heads last; the state tiles first
+        if name == "_state_partials_kernel":
+            assert kwargs["TOKEN_DOT"] == token and grid[0] == 3 * 2 and kwargs["BLOCK_D"] == 16
+        else:
+            assert kwargs["STATE_DOT"] == state and grid[0] == 2
+        if name == "_output_kernel":
+            assert kwargs["NUM_D"] == 3
+        elif name != "_state_partials_kernel":
+            assert kwargs["BLOCK_D"] == 64  # the backward holds the whole head dim
+
+
+def test_alignment_promised_to_the_compiler():
+    """``ALIGN`` divides every stride the kernels multiply (16 bytes at most): a wrong promise would
+    let the compiled kernels issue misaligned vector loads, which the interpreter cannot show."""
+    contiguous = torch.empty(2, 37, 8, 40, dtype=torch.bfloat16)
+    assert tla._align(contiguous) == 8  # head stride 40: 80 bytes, a multiple of 16
+    assert tla._align(contiguous.float()) == 4
+    assert tla._align(contiguous, torch.empty(2, 37, 3, 20, dtype=torch.bfloat16)) == 4
+    assert tla._align(torch.empty(2, 37, 3, 9, dtype=torch.bfloat16)) == 1
+    assert tla._align(torch.empty(1, 1, 1, 9, dtype=torch.bfloat16)) == 8  # size-1 dims are never stepped
+    assert tla._align(strided(2, 37, 2, 40, "bnhd", torch.bfloat16, "cpu")) == 1  # rows of H * D + 3
+    assert tla._align(strided(2, 37, 2, 32, "bhnd", torch.float16, "cpu", dim_stride=2)) == 1
+
+
+def test_env_overrides_run_and_bad_values_raise(monkeypatch):
+    """Tiles and pipelining fixed from the environment (the escape hatch for resource errors)."""
+    for name, value in [
+        ("LINDIFF_LINEAR_BLOCK_D", "32"),
+        ("LINDIFF_LINEAR_BLOCK_DV", "32"),
+        ("LINDIFF_LINEAR_BLOCK_N", "16"),
+        ("LINDIFF_LINEAR_NUM_WARPS", "2"),
+        ("LINDIFF_LINEAR_NUM_STAGES", "1"),
+    ]:
+        monkeypatch.setenv(name, value)
+    compare(n_q=19, dim=40, dim_v=80, layout="bhnd")
+    monkeypatch.setenv("LINDIFF_LINEAR_NUM_STAGES", "many")
+    q = torch.randn(1, 8, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="LINDIFF_LINEAR_NUM_STAGES must be one of"):
+        linear_attention(q, q, q, backend="triton")
 
 
 def test_custom_op_registration():
@@ -241,3 +315,56 @@ def test_gpu_compiles_without_graph_breaks():
     eager = torch.autograd.grad(layer(*leaves).float().sum(), leaves)
     for got, want in zip(grads, eager, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def compiled_variants(kernel) -> dict:
+    """The compiled variants of a ``triton.jit`` kernel in this process: cache key -> CompiledKernel."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is not None:  # triton >= 3.2
+        return {key: compiled for cache in caches.values() for key, compiled in cache[0].items()}
+    return {key: compiled for cache in kernel.cache.values() for key, compiled in cache.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("dtype", "token", "state"), [(torch.bfloat16, "bf16", "bf16"), (torch.float16, "f16", "tf32")]
+)
+def test_gpu_tensor_cores_take_16_bit_operands(dtype, token, state):
+    """The PTX of each new kernel multiplies bfloat16 (or float16 k/v, TF32 states) on the tensor cores."""
+    before = {name: set(compiled_variants(getattr(tla, name))) for name in KERNELS}
+    compare(batch=1, heads=2, n_q=1000, dim=72, dim_v=72, dtype=dtype, device="cuda")
+    for name in KERNELS:
+        new = [c for key, c in compiled_variants(getattr(tla, name)).items() if key not in before[name]]
+        assert new, f"{name} was not compiled anew"
+        want = token if name == "_state_partials_kernel" else state
+        for compiled in new:
+            lines = [line for line in compiled.asm["ptx"].splitlines() if "mma" in line]
+            assert any(f".{want}.{want}" in line for line in lines), f"{name}: no {want} mma"
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_state_beyond_half_range():
+    """fp16 inputs whose state z = sum_j phi(k_j) is about 1.3e5 (> 65504): TF32 against it."""
+    n, heads, dim = 32768, 2, 64
+    q, k, v = (torch.randn(1, n, heads, dim, device="cuda") for _ in range(3))
+    k = (k + 3.0).half()
+    q, v = q.half(), v.half()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = linear_attention(*leaves, kv_scale=1.0, backend="triton")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = linear_attention_reference(*ref_leaves, "elu1", 1e-4, "bnhd", 1.0)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    for name, got, want in zip(("o", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) < 3e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dim", "dim_v"), [(160, 160), (40, 160)])
+def test_gpu_env_overrides_compile(monkeypatch, dim, dim_v):
+    """The documented escape hatch for a resource error: smaller tiles, fewer stages."""
+    monkeypatch.setenv("LINDIFF_LINEAR_BLOCK_DV", "32")
+    monkeypatch.setenv("LINDIFF_LINEAR_NUM_STAGES", "1")
+    compare(batch=1, heads=3, n_q=2048, dim=dim, dim_v=dim_v, dtype=torch.bfloat16, device="cuda")

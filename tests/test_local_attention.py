@@ -1,7 +1,10 @@
 """Local (windowed) attention: chunked and FlexAttention paths against the dense reference."""
 
+import functools
+import importlib
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -9,13 +12,14 @@ import torch
 from lindiff.kernels import local_attention
 from lindiff.kernels.local_attention import (
     clear_plan_cache,
+    flex,
     local_attention_reference,
     merge_attention_states,
     plan_cache_info,
     window_mask,
 )
 from lindiff.kernels.local_attention.chunked import local_attention_chunked
-from lindiff.kernels.local_attention.flex import PLAN_CACHE_SIZE, build_plan, get_plan, local_attention_flex
+from lindiff.kernels.local_attention.flex import build_plan, get_plan, local_attention_flex
 from lindiff.kernels.local_attention.reference import as_grid3, radius_threshold
 from lindiff.kernels.local_attention.tiling import (
     BLOCK_SIZE,
@@ -281,7 +285,8 @@ def test_return_lse_merges_window_and_global_parts():
         merge_attention_states([window], [window_lse[..., 0]])
 
 
-def test_plan_cache_alternates_resolutions_and_stays_bounded():
+def test_plan_cache_alternates_resolutions(monkeypatch):
+    monkeypatch.delenv(flex.PLAN_CACHE_ENV, raising=False)
     clear_plan_cache()
     small, large = (1, 5, 7), (1, 12, 12)
     for _ in range(3):
@@ -289,10 +294,8 @@ def test_plan_cache_alternates_resolutions_and_stays_bounded():
             plan = get_plan(grid, 2, choose_tile(grid, 2), 0, CPU)
             assert len(plan.scatter) == math.prod(grid)
     info = plan_cache_info()
-    assert (info.misses, info.hits) == (2, 4)
-    for width in range(1, PLAN_CACHE_SIZE + 4):
-        get_plan((1, 3, width), 1, (1, 8, 16), 0, CPU)
-    assert plan_cache_info().currsize == plan_cache_info().maxsize == PLAN_CACHE_SIZE
+    assert (info.misses, info.hits, info.currsize) == (2, 4, 2)
+    assert info.max_bytes == flex.PLAN_CACHE_MB << 20 and info.nbytes > 0
 
     # The public function goes through the same cache; the second call at a geometry is a hit.
     clear_plan_cache()
@@ -301,6 +304,108 @@ def test_plan_cache_alternates_resolutions_and_stays_bounded():
     second = local_attention(q, k, v, grid=(4, 6), radius=1.2, backend="flex")  # same integer threshold
     assert torch.equal(first, second)
     assert (plan_cache_info().misses, plan_cache_info().hits) == (1, 1)
+
+
+def test_plan_cache_is_bounded_by_bytes(monkeypatch):
+    """Plans are evicted least recently used first while their bytes exceed the budget."""
+    clear_plan_cache()
+    grids = [(1, 16, 16 * i) for i in (1, 2, 3)]
+    sizes = [build_plan(g, 4, (1, 8, 16), 0, CPU).nbytes for g in grids]
+    assert sizes[0] < sizes[1] < sizes[2]
+    # A budget for the two smaller plans: the third evicts the least recently used one.
+    monkeypatch.setenv(flex.PLAN_CACHE_ENV, str((sizes[0] + sizes[1]) / 2**20))
+    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)
+    get_plan(grids[1], 4, (1, 8, 16), 0, CPU)
+    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)  # now grids[1] is the least recently used
+    assert plan_cache_info()[:4] == (1, 2, 2, sizes[0] + sizes[1])
+    get_plan(grids[2], 4, (1, 8, 16), 0, CPU)  # too big beside either: it stays alone
+    assert plan_cache_info()[2:4] == (1, sizes[2])
+    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)  # rebuilt; the larger one is evicted
+    assert plan_cache_info()[1:4] == (4, 1, sizes[0])
+    # Budget 0 still keeps the plan in use.
+    monkeypatch.setenv(flex.PLAN_CACHE_ENV, "0")
+    get_plan(grids[1], 4, (1, 8, 16), 0, CPU)
+    assert plan_cache_info()[2:] == (1, sizes[1], 0)
+    monkeypatch.setenv(flex.PLAN_CACHE_ENV, "a lot")
+    with pytest.raises(
+        ValueError, match=r"LINDIFF_FLEX_PLAN_CACHE_MB must be a number of MiB >= 0, got 'a lot'"
+    ):
+        get_plan(grids[2], 4, (1, 8, 16), 0, CPU)
+    monkeypatch.delenv(flex.PLAN_CACHE_ENV)
+    clear_plan_cache()
+    assert plan_cache_info()[:4] == (0, 0, 0, 0)
+
+
+def test_plan_bytes_count_every_tensor():
+    """The dense block indices dominate: about 4 bytes x (query blocks) x (key blocks) x 4 index tensors."""
+    plan = build_plan((1, 64, 64), 16 * 16, (1, 8, 16), 77, CPU)
+    blocks = 64 * 64 // 128
+    width = blocks + 1  # one (padded) block of global tokens
+    assert plan.nbytes >= 4 * 2 * blocks * width * 4
+    assert plan.padding.numel() == 0 and plan.num_padded == 64 * 64
+
+
+def test_tile_major_buffers_match_a_gather():
+    """q, k, v are written once into one buffer: image tokens, global tokens, zero padding."""
+    grid, tile = (1, 10, 13), (1, 8, 16)
+    plan = build_plan(grid, 4, tile, 5, CPU)
+    for layout, token_dim in (("bnhd", 1), ("bhnd", 2)):
+        x, _, _, (k_g, _) = make_inputs(grid[1:], 5, layout, batch=2, heads=3)
+        pad = plan.global_padded - 5
+        got = flex._to_tiles(x, plan, token_dim, k_g, pad)
+        bhnd = (lambda t: t.transpose(1, 2)) if layout == "bnhd" else (lambda t: t)
+        valid = torch.ones(plan.num_padded, dtype=torch.bool)
+        valid[plan.padding] = False
+        want = bhnd(x).index_select(2, plan.gather) * valid[:, None]
+        zeros = torch.zeros(2, 3, pad, 8)
+        assert torch.equal(got, torch.cat([want, bhnd(k_g), zeros], dim=2))
+        assert plan.padding.numel() == plan.num_padded - math.prod(grid)
+
+
+def test_plan_lookup_stays_out_of_a_users_compile():
+    """Dynamo runs the cache lookup eagerly (``torch.compiler.disable``): hits are counted every call."""
+    torch._dynamo.reset()
+    clear_plan_cache()
+
+    def layer(q, k, v):
+        return local_attention(q, k, v, grid=(6, 8), radius=2, backend="flex") * 2.0
+
+    compiled = torch.compile(layer, backend="eager")
+    q, k, v, _ = make_inputs((6, 8), batch=1, heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(3):
+            torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+    assert (plan_cache_info().misses, plan_cache_info().hits) == (1, 5)
+    assert get_plan._torchdynamo_disable
+    torch._dynamo.reset()
+
+
+def test_recompile_limit_warns_and_runs_the_chunked_path(monkeypatch):
+    """Past Dynamo's recompile limit compiled FlexAttention would build N x N scores: warn, run chunked."""
+    torch._dynamo.reset()
+    eager_compiled = torch.compile(flex._flex_api()[0], backend="eager", dynamic=False, fullgraph=True)
+    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: eager_compiled)
+    monkeypatch.setattr(flex, "RECOMPILE_LIMIT", 1)
+    package = importlib.import_module("lindiff.kernels.local_attention")
+    monkeypatch.setattr(
+        package, "local_attention_flex", functools.partial(local_attention_flex, compiled=True)
+    )
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for grid in ((4, 6), (12, 20)):  # one block of tokens, then three: a recompilation
+            q, k, v, _ = make_inputs(grid, batch=1, heads=2)
+            if grid == (12, 20):
+                r2, grid3 = radius_threshold(1.5, as_grid3(grid)), as_grid3(grid)
+                with pytest.raises(flex.RecompileLimitError, match="recompile limit"):
+                    local_attention_flex(q, k, v, grid3, r2, choose_tile(grid3, r2), None, 0.3, compiled=True)
+            out = local_attention(q, k, v, grid=grid, radius=1.5, backend="flex")
+            assert rel_err(out, local_attention_reference(q, k, v, grid, 1.5)) < TOL[torch.float32]
+    limit_warnings = [
+        w for w in caught if issubclass(w.category, RuntimeWarning) and "recompile" in str(w.message)
+    ]
+    assert len(limit_warnings) == 1 and "chunked path for grid (12, 20)" in str(limit_warnings[0].message)
+    torch._dynamo.reset()
 
 
 def bad_call(**changes):
@@ -390,3 +495,31 @@ def test_compiled_flex_gradients_on_cuda():
     assert rel_err(out, ref) < 1e-4
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_compiled_flex_on_a_padded_grid_on_cuda(layout):
+    """A grid that is no multiple of the tile (padded cells zeroed) and 77 text tokens, bf16."""
+    grid, radius = (45, 61), 8
+    inputs = make_inputs(grid, 77, layout, batch=2, heads=4, dim=64, dtype=torch.bfloat16)
+    q, k, v, k_g, v_g = (t.cuda() for t in (*inputs[:3], *inputs[3]))
+    out, lse = local_attention(
+        q, k, v, grid=grid, radius=radius, global_kv=(k_g, v_g), layout=layout, return_lse=True
+    )
+    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, (k_g, v_g), layout, return_lse=True)
+    assert out.is_contiguous() and lse.is_contiguous() and out.shape == ref.shape
+    assert rel_err(out, ref) < 5 * TOL[torch.bfloat16] and rel_err(lse, ref_lse) < 1e-3
+
+
+@pytest.mark.gpu
+def test_users_compile_of_a_layer_on_cuda():
+    """Inductor compiles the caller's graph around the (eager) plan lookup and FlexAttention."""
+    grid = (32, 48)
+
+    def layer(q, k, v):
+        return local_attention(q, k, v, grid=grid, radius=6, backend="flex").flatten(2) * 2.0
+
+    q, k, v, _ = make_inputs(grid, batch=1, heads=4, dim=64, dtype=torch.float16)
+    q, k, v = (t.cuda() for t in (q, k, v))
+    torch.testing.assert_close(torch.compile(layer)(q, k, v), layer(q, k, v), rtol=2e-3, atol=2e-3)

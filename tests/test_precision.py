@@ -89,3 +89,16 @@ def test_new_parameters_on_cuda_fp16():
     pipe = lindiff.linearize(tiny_models.sd_pipeline().to("cuda", torch.float16))
     assert all(p.dtype == torch.float16 and p.is_cuda for p in added_parameters(pipe.unet))
     assert torch.isfinite(tiny_models.run(pipe)).all()
+
+
+@pytest.mark.gpu
+def test_fp16_triton_linear_attention_on_16k_tokens_on_cuda():
+    """The fused kernels in fp16: states beyond 65504 stay in float32 (TF32 products against them)."""
+    attn16 = linfusion_attention(torch.float16).cuda()
+    attn32 = copy.deepcopy(attn16).float()
+    x = (torch.randn(1, 16384, 64, generator=torch.Generator().manual_seed(1)) * 16).half().cuda()
+    with torch.no_grad():
+        out16 = attn16(x)
+        out32 = attn32(x.float())
+    assert out16.dtype == torch.float16 and torch.isfinite(out16).all()
+    assert (out16.float() - out32).norm() / out32.norm() < 2e-3
