@@ -13,9 +13,9 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
-from .base import PIPELINE_PIXEL_MULTIPLE, ModelAdapter, call_default, tensor_argument
+from .base import PIPELINE_PIXEL_MULTIPLE, call_default
 from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard, split_heads
-from .wan import token_grid
+from .video import PatchedVideoAdapter
 
 
 class CogVideoXMixerAttnProcessor:
@@ -80,7 +80,7 @@ def _rotate_video(x: torch.Tensor, num_text: int, rotary: tuple[torch.Tensor, to
     return torch.cat([x[:, :num_text], video], dim=1)
 
 
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(PatchedVideoAdapter):
     """``CogVideoXTransformer3DModel`` (CogVideoX 2B / 5B, text- and image-to-video, and 1.5).
 
     Each block's ``attn1`` (kind ``"joint"``) attends over the text then the video tokens in one
@@ -100,16 +100,11 @@ class CogVideoXAdapter(ModelAdapter):
     """
 
     name = "cogvideox"
+    title = "CogVideoX"
+    frames_first = True
     role = "transformer"
     models = (CogVideoXTransformer3DModel,)
     frame_rate = 8
-
-    def __init__(self) -> None:
-        self.patch_size: tuple[int, int, int] = (1, 2, 2)
-
-    def new_grid(self, model: nn.Module) -> TokenGrid:
-        self.patch_size = _patch(model)
-        return TokenGrid(patch_size=1)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         return [
@@ -117,26 +112,8 @@ class CogVideoXAdapter(ModelAdapter):
             for i, block in enumerate(model.transformer_blocks)
         ]
 
-    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        latent = tensor_argument(args, kwargs, "hidden_states", 0)
-        if latent.ndim != 5:
-            raise ValueError(
-                "expected the CogVideoX transformer's hidden_states as (B, F, C, H, W), got shape "
-                f"{tuple(latent.shape)}"
-            )
-        frames, _, height, width = latent.shape[1:]
-        grid.set_tokens(*token_grid((frames, height, width), self.patch_size))
-
     def processor(self, layer: LayerInfo) -> CogVideoXMixerAttnProcessor:
         return CogVideoXMixerAttnProcessor()
-
-    def latent_multiple(self, denoiser: nn.Module) -> int:
-        return _patch(denoiser)[1]
-
-    def size_multiple(self, pipe: Any) -> int:
-        """The VAE's spatial factor times the spatial patch (16 px), and a multiple of 8."""
-        vae_factor = int(getattr(pipe, "vae_scale_factor_spatial", PIPELINE_PIXEL_MULTIPLE))
-        return math.lcm(vae_factor * self.latent_multiple(pipe.transformer), self.pipeline_pixel_multiple)
 
     def native_size(self, pipe: Any) -> int:
         """Side of the square with the area of the pipeline's default ``height x width`` (px), which
@@ -156,9 +133,3 @@ class CogVideoXAdapter(ModelAdapter):
         from diffusers import CogVideoXPipeline, CogVideoXVideoToVideoPipeline  # lazily, as in wan.py
 
         return CogVideoXVideoToVideoPipeline if isinstance(pipe, CogVideoXPipeline) else None
-
-
-def _patch(model: nn.Module) -> tuple[int, int, int]:
-    """``(p_t, p, p)``: the model's ``config.patch_size_t`` (``None`` in CogVideoX 1.0: 1) and ``config.patch_size``."""
-    p = int(model.config.patch_size)
-    return int(model.config.patch_size_t or 1), p, p

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,9 +12,8 @@ from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, TokenMixer, Tokens
 from ..grid import TokenGrid
-from .base import PIPELINE_PIXEL_MULTIPLE, ModelAdapter, call_default, tensor_argument
 from .processors import call_mixer, mixer_of, sequence_shard
-from .wan import token_grid
+from .video import PatchedVideoAdapter
 
 
 class HunyuanVideoMixerAttnProcessor:
@@ -163,7 +161,7 @@ def _rotate_video(
     return torch.cat([video, x[:, num_video:]], dim=1)
 
 
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(PatchedVideoAdapter):
     """``HunyuanVideoTransformer3DModel`` (HunyuanVideo text-to-video and its image-to-video variants).
 
     Dual-stream blocks (``transformer_blocks.*.attn``, kind ``"joint"``) attend over video then
@@ -181,15 +179,9 @@ class HunyuanVideoAdapter(ModelAdapter):
     """
 
     name = "hunyuan_video"
+    title = "HunyuanVideo"
     role = "transformer"
     models = (HunyuanVideoTransformer3DModel,)
-
-    def __init__(self) -> None:
-        self.patch_size: tuple[int, int, int] = (1, 2, 2)
-
-    def new_grid(self, model: nn.Module) -> TokenGrid:
-        self.patch_size = _patch(model)
-        return TokenGrid(patch_size=1)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         dual = [
@@ -202,33 +194,5 @@ class HunyuanVideoAdapter(ModelAdapter):
         ]
         return dual + single
 
-    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        latent = tensor_argument(args, kwargs, "hidden_states", 0)
-        if latent.ndim != 5:
-            raise ValueError(
-                "expected the HunyuanVideo transformer's hidden_states as (B, C, F, H, W), got shape "
-                f"{tuple(latent.shape)}"
-            )
-        grid.set_tokens(*token_grid(latent.shape[2:], self.patch_size))
-
     def processor(self, layer: LayerInfo) -> HunyuanVideoMixerAttnProcessor:
         return HunyuanVideoMixerAttnProcessor()
-
-    def latent_multiple(self, denoiser: nn.Module) -> int:
-        return _patch(denoiser)[1]
-
-    def size_multiple(self, pipe: Any) -> int:
-        """The VAE's spatial factor times the spatial patch (16 px), and a multiple of 8."""
-        vae_factor = int(getattr(pipe, "vae_scale_factor_spatial", PIPELINE_PIXEL_MULTIPLE))
-        return math.lcm(vae_factor * self.latent_multiple(pipe.transformer), self.pipeline_pixel_multiple)
-
-    def native_size(self, pipe: Any) -> int:
-        """Side of the square with the area of the pipeline's default ``height x width`` (px):
-        960 for HunyuanVideo's 1280 x 720."""
-        return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
-
-
-def _patch(model: nn.Module) -> tuple[int, int, int]:
-    """``(patch_size_t, patch_size, patch_size)`` of the model's config."""
-    spatial = int(model.config.patch_size)
-    return int(model.config.patch_size_t), spatial, spatial

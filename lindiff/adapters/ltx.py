@@ -15,7 +15,7 @@ from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..grid import TokenGrid
 from .base import Batch, MicroConditions, VideoAdapter, call_default, tensor_argument
 from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
-from .wan import token_grid
+from .video import config_patch, token_grid
 
 GRID_ARGUMENTS = ("num_frames", "height", "width")
 """The arguments of ``LTXVideoTransformer3DModel.forward`` that give the latent's ``(F, H, W)``."""
@@ -109,7 +109,7 @@ class LTXAdapter(VideoAdapter):
         self.positions: dict[str, int] = {}
 
     def new_grid(self, model: nn.Module) -> TokenGrid:
-        self.patch_size = _patch(model)
+        self.patch_size = config_patch(model)
         parameters = list(inspect.signature(model.forward).parameters)
         self.positions = {name: parameters.index(name) for name in GRID_ARGUMENTS}
         return TokenGrid(patch_size=1)
@@ -143,7 +143,7 @@ class LTXAdapter(VideoAdapter):
         return LTXMixerAttnProcessor()
 
     def latent_multiple(self, denoiser: nn.Module) -> int:
-        return _patch(denoiser)[1]
+        return config_patch(denoiser)[1]
 
     def size_multiple(self, pipe: Any) -> int:
         """The VAE's spatial factor times the spatial patch, and a multiple of 32 (``LTXPipeline``'s rule)."""
@@ -171,7 +171,7 @@ class LTXAdapter(VideoAdapter):
     def latent_shape(self, pipe: Any, size: int, num_frames: int | None) -> tuple[int, ...]:
         """``(F, H, W)`` latent pixels; records the patch ``pipe`` packs with, which
         :meth:`sampled_latents` unpacks."""
-        self.patch_size = _patch(pipe.transformer)
+        self.patch_size = config_patch(pipe.transformer)
         return super().latent_shape(pipe, size, num_frames)
 
     def sampled_latents(self, output: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -200,7 +200,7 @@ class LTXAdapter(VideoAdapter):
         self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
         """``noisy``: ``(B, C, F, H, W)``; returns the prediction in the same layout."""
-        patch = _patch(denoiser)
+        patch = config_patch(denoiser)
         temporal, frame_rate, spatial = batch["rope_factors"][0].tolist()
         frames, height, width = noisy.shape[2:]
         out = denoiser(
@@ -237,9 +237,3 @@ def unpack(tokens: torch.Tensor, shape: tuple[int, ...], patch: tuple[int, int, 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:
     """The denoiser argument ``name``, passed as ``name=`` or positionally at ``position``."""
     return args[position] if len(args) > position else kwargs.get(name)
-
-
-def _patch(model: nn.Module) -> tuple[int, int, int]:
-    """``(p_t, p, p)``: the model's ``config.patch_size_t`` and ``config.patch_size``."""
-    p = int(model.config.patch_size)
-    return int(model.config.patch_size_t), p, p

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,9 +12,9 @@ from torch import nn
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
 from ..attention.sana import SanaLinearAttention
 from ..grid import TokenGrid
-from .base import ModelAdapter, call_default, tensor_argument
 from .processors import call_mixer, head_norm, mixer_of, reject_attention_mask, sequence_shard, split_heads
-from .wan import apply_wan_rotary, token_grid
+from .video import PatchedVideoAdapter
+from .wan import apply_wan_rotary
 
 
 class SanaVideoMixerAttnProcessor:
@@ -70,7 +69,7 @@ class SanaVideoMixerAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class SanaVideoAdapter(ModelAdapter):
+class SanaVideoAdapter(PatchedVideoAdapter):
     """``SanaVideoTransformer3DModel`` (SANA-Video text- and image-to-video).
 
     Each block's ``attn1`` (kind ``"self"``) is ReLU linear attention over the video tokens with a
@@ -86,16 +85,10 @@ class SanaVideoAdapter(ModelAdapter):
     """
 
     name = "sana_video"
+    title = "SANA-Video"
     role = "transformer"
     models = (SanaVideoTransformer3DModel,)
     pipeline_pixel_multiple = 32
-
-    def __init__(self) -> None:
-        self.patch_size: tuple[int, int, int] = (1, 2, 2)
-
-    def new_grid(self, model: nn.Module) -> TokenGrid:
-        self.patch_size = _patch(model)
-        return TokenGrid(patch_size=1)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         return [
@@ -103,34 +96,5 @@ class SanaVideoAdapter(ModelAdapter):
             for i, block in enumerate(model.transformer_blocks)
         ]
 
-    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        latent = tensor_argument(args, kwargs, "hidden_states", 0)
-        if latent.ndim != 5:
-            raise ValueError(
-                "expected the SANA-Video transformer's hidden_states as (B, C, F, H, W), got shape "
-                f"{tuple(latent.shape)}"
-            )
-        grid.set_tokens(*token_grid(latent.shape[2:], self.patch_size))
-
     def processor(self, layer: LayerInfo) -> SanaVideoMixerAttnProcessor:
         return SanaVideoMixerAttnProcessor()
-
-    def latent_multiple(self, denoiser: nn.Module) -> int:
-        _, p_h, p_w = _patch(denoiser)
-        return math.lcm(p_h, p_w)
-
-    def size_multiple(self, pipe: Any) -> int:
-        """The VAE's spatial factor times the spatial patch, and a multiple of 32 (the pipeline's rule)."""
-        vae_factor = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-        return math.lcm(vae_factor * self.latent_multiple(pipe.transformer), self.pipeline_pixel_multiple)
-
-    def native_size(self, pipe: Any) -> int:
-        """Side of the square with the area of the pipeline's default ``height x width`` (px):
-        632 for SANA-Video's 832 x 480."""
-        return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
-
-
-def _patch(model: nn.Module) -> tuple[int, int, int]:
-    """The model's ``config.patch_size`` ``(p_t, p_h, p_w)``."""
-    p_t, p_h, p_w = (int(p) for p in model.config.patch_size)
-    return p_t, p_h, p_w

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Any
 
 import torch
@@ -12,16 +11,14 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 from torch import nn
 
 from ..attention.base import GRID_ATTRIBUTE, LayerInfo, Tokens
-from ..grid import GridShape, TokenGrid
+from ..grid import TokenGrid
 from .base import (
-    PIPELINE_PIXEL_MULTIPLE,
     Batch,
     MicroConditions,
-    VideoAdapter,
     call_default,
-    tensor_argument,
 )
 from .processors import call_mixer, mixer_of, reject_attention_mask, sequence_shard
+from .video import PatchedVideoAdapter
 
 
 def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -86,7 +83,7 @@ class WanMixerAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class WanAdapter(VideoAdapter):
+class WanAdapter(PatchedVideoAdapter):
     """``WanTransformer3DModel`` (Wan 2.1 / 2.2, text- and image-to-video).
 
     Each block's ``attn1`` (kind ``"self"``) attends over the video tokens only; ``attn2``, the
@@ -109,16 +106,10 @@ class WanAdapter(VideoAdapter):
     """
 
     name = "wan"
+    title = "Wan"
     role = "transformer"
     models = (WanTransformer3DModel,)
     frame_rate = 16
-
-    def __init__(self) -> None:
-        self.patch_size: tuple[int, int, int] = (1, 2, 2)
-
-    def new_grid(self, model: nn.Module) -> TokenGrid:
-        self.patch_size = _patch(model)
-        return TokenGrid(patch_size=1)
 
     def layers(self, model: nn.Module, grid: TokenGrid) -> list[LayerInfo]:
         return [
@@ -126,31 +117,8 @@ class WanAdapter(VideoAdapter):
             for i, block in enumerate(model.blocks)
         ]
 
-    def record_grid(self, grid: TokenGrid, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        latent = tensor_argument(args, kwargs, "hidden_states", 0)
-        if latent.ndim != 5:
-            raise ValueError(
-                "expected the Wan transformer's hidden_states as (B, C, F, H, W), got shape "
-                f"{tuple(latent.shape)}"
-            )
-        grid.set_tokens(*token_grid(latent.shape[2:], self.patch_size))
-
     def processor(self, layer: LayerInfo) -> WanMixerAttnProcessor:
         return WanMixerAttnProcessor()
-
-    def latent_multiple(self, denoiser: nn.Module) -> int:
-        _, p_h, p_w = _patch(denoiser)
-        return math.lcm(p_h, p_w)
-
-    def size_multiple(self, pipe: Any) -> int:
-        """The VAE's spatial factor times the spatial patch (16 px for Wan 2.1), and a multiple of 8."""
-        vae_factor = int(getattr(pipe, "vae_scale_factor_spatial", PIPELINE_PIXEL_MULTIPLE))
-        return math.lcm(vae_factor * self.latent_multiple(pipe.transformer), self.pipeline_pixel_multiple)
-
-    def native_size(self, pipe: Any) -> int:
-        """Side of the square with the area of the pipeline's default ``height x width`` (px):
-        632 for Wan's 832 x 480."""
-        return round(math.sqrt(call_default(pipe, "height") * call_default(pipe, "width")))
 
     def video_to_video(self, pipe: Any) -> type | None:
         """``WanVideoToVideoPipeline`` for a text-to-video ``WanPipeline`` with one transformer (not
@@ -196,16 +164,3 @@ class WanAdapter(VideoAdapter):
             encoder_hidden_states=batch["prompt_embeds"],
             return_dict=False,
         )[0]
-
-
-def token_grid(latent_shape: torch.Size | tuple[int, int, int], patch: tuple[int, int, int]) -> GridShape:
-    """``(T, H, W)`` tokens of a latent of ``(F, H, W)`` pixels cut into ``patch`` ``(p_t, p_h, p_w)``
-    cells (floored, as Wan's strided Conv3d patchify)."""
-    frames, height, width = (int(n) for n in latent_shape)
-    return frames // patch[0], height // patch[1], width // patch[2]
-
-
-def _patch(model: nn.Module) -> tuple[int, int, int]:
-    """The model's ``config.patch_size`` ``(p_t, p_h, p_w)``."""
-    p_t, p_h, p_w = (int(p) for p in model.config.patch_size)
-    return p_t, p_h, p_w
