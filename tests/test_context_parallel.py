@@ -15,20 +15,15 @@ runs a fully linearized FLUX, which has no softmax attention left.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import socket
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from context_parallel_harness import WORLD, ok, run_cases
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from tiny_dit_models import flux_inputs, flux_transformer
 
@@ -46,14 +41,7 @@ from lindiff.kernels.linear_attention import (
 )
 from lindiff.parallel import SequenceShard
 
-WORLD = 2
 TOLERANCE = 1e-5  # fp32, outputs of scale ~1: summation order only
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _inputs(height: int, width: int, text: int = 8) -> dict[str, Any]:
@@ -272,45 +260,19 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results: dict[str, Any] = {}
-    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        for name, case in CASES.items():
-            torch.manual_seed(0)
-            try:
-                results[name] = case()
-            except Exception as error:  # recorded for the test that expects or reports it
-                results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-            dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("context_parallel") / "results.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return json.loads(out.read_text())
-
-
-def _ok(results: dict[str, Any], name: str) -> dict[str, float]:
-    result = results[name]
-    assert "error" not in result, result.get("trace")
-    return result
+    return run_cases(__name__, tmp_path_factory.mktemp("context_parallel"))
 
 
 def test_softmax_control_matches_single_process(results):
     """The harness: diffusers' own Ulysses attention on the unconverted model is exact."""
-    assert _ok(results, "softmax")["output"] < TOLERANCE
+    assert ok(results, "softmax")["output"] < TOLERANCE
 
 
 def test_shard_local_linear_attention_is_wrong(results):
     """Without lindiff's exchange each process attends over its own tokens: a different result."""
-    result = _ok(results, "linfusion_no_exchange")
+    result = ok(results, "linfusion_no_exchange")
     assert result["output"] > 1e-3 * result["scale"]
 
 
@@ -320,7 +282,7 @@ def test_shard_local_linear_attention_is_wrong(results):
 def test_linear_methods_match_single_process(results, case):
     """Outputs (and, where recorded, every parameter gradient summed over the processes) equal
     the single-process ones; ``lit_mid_row`` splits the image mid-row, ``*_uneven`` 9 + 7 tokens."""
-    result = _ok(results, case)
+    result = ok(results, case)
     assert result["output"] < TOLERANCE
     if "grads" in result:
         assert result["num_grads"] > 0 and result["grads"] < TOLERANCE * max(1.0, result["grad_scale"])
@@ -348,7 +310,7 @@ def test_clear_matches_single_process(results, case):
     ``clear_uneven`` splits a 5 x 3 grid mid-row with 7 text tokens; ``clear_whole_grid`` (radius
     beyond the diagonal) equals the unconverted softmax model; ``clear_mixer_video`` runs the mixer
     on a (3, 4, 5) video grid."""
-    result = _ok(results, case)
+    result = ok(results, case)
     assert result["output"] < TOLERANCE
     if "grads" in result:
         assert result["num_grads"] > 0 and result["grads"] < TOLERANCE * max(1.0, result["grad_scale"])
@@ -370,7 +332,7 @@ def test_unsupported_method_raises():
 def test_linearize_and_restore_work_in_either_order_with_enable_parallelism(results):
     """diffusers configures the processors present when enable_parallelism runs; lindiff gives its
     own (and, on restore, the original ones) the same config."""
-    result = _ok(results, "linearize_after_enable")
+    result = ok(results, "linearize_after_enable")
     assert result["output"] < TOLERANCE and result["restored"] < TOLERANCE
 
 

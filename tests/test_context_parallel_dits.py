@@ -25,21 +25,15 @@ CPU workaround (test code only): ``torch.accelerator.device_count`` is patched t
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import pytest
 import tiny_dit_models as tiny
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from context_parallel_harness import WORLD, ok, run_cases
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
 import lindiff
@@ -47,7 +41,6 @@ from lindiff.adapters import adapter_for
 from lindiff.parallel import enable_context_parallel
 from lindiff.state import get_state
 
-WORLD = 2
 TOLERANCE = 1e-5  # fp32, outputs of scale ~1: summation order only
 FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], dict[str, Any]]]] = {
     "pixart": (tiny.pixart_transformer, lambda: tiny.pixart_inputs(12, 8)),
@@ -63,12 +56,6 @@ METHODS = {
 }
 WHOLE_GRID = {"clear": {"radius": 12}}  # beyond the (6, 4) grid's diagonal: full softmax attention
 CONTROL_METHOD = {"pixart": WHOLE_GRID, "sd3": WHOLE_GRID, "sd3.5": WHOLE_GRID, "sana": {"sana": {}}}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _model(family: str, method: str | None = None, **options: Any) -> torch.nn.Module:
@@ -177,35 +164,9 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results: dict[str, Any] = {}
-    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        for name, case in CASES.items():
-            torch.manual_seed(0)
-            try:
-                results[name] = case()
-            except Exception as error:  # recorded for the test that reports it
-                results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-            dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("context_parallel_dits") / "results.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return json.loads(out.read_text())
-
-
-def _ok(results: dict[str, Any], name: str) -> dict[str, float]:
-    result = results[name]
-    assert "error" not in result, result.get("trace")
-    return result
+    return run_cases(__name__, tmp_path_factory.mktemp("context_parallel_dits"))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -213,7 +174,7 @@ def test_control_matches_unconverted_single_process(results, family):
     """The plan and the harness: split, a converted model computing the original attention
     equals the unconverted model on one process (text split for SD3, cross-attention for PixArt
     and SANA on split queries)."""
-    assert _ok(results, f"{family}_control")["output"] < TOLERANCE
+    assert ok(results, f"{family}_control")["output"] < TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -222,21 +183,21 @@ def test_control_matches_unconverted_single_process(results, family):
 )
 def test_methods_match_single_process(results, case):
     """Each process's first block holds half of the image tokens, and the output is the one-process one."""
-    result = _ok(results, case)
+    result = ok(results, case)
     assert result["tokens"] * WORLD == result["total"]
     assert result["output"] < TOLERANCE
 
 
 @pytest.mark.parametrize("case", ["pixart_linfusion_grads", "sd3_lit_grads"])
 def test_gradients_match_single_process(results, case):
-    result = _ok(results, case)
+    result = ok(results, case)
     assert result["grads"] < TOLERANCE * result["scale"]
 
 
 @pytest.mark.parametrize("family", ["pixart", "sd3", "sana"])
 def test_unconverted_model_attends_over_its_shard_alone(results, family):
     """Why unconverted models are refused: diffusers' processors of these classes ignore the split."""
-    result = _ok(results, f"{family}_shard_local")
+    result = ok(results, f"{family}_shard_local")
     assert result["output"] > 1e-3 * result["scale"]
 
 

@@ -18,36 +18,23 @@ the output gather, compare each process's part) does not apply.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from context_parallel_harness import ok, run_cases
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from tiny_dit_models import wan_inputs, wan_transformer
 
 import lindiff
 from lindiff.attention.clear import ClearAttention
 
-WORLD = 2
 TOLERANCE = 1e-5  # fp32, outputs of scale ~1: summation order only
 ULYSSES = ContextParallelConfig(ulysses_degree=2)
 MID_FRAME = (3, 8, 12)  # latent (F, H, W) -> tokens (3, 4, 6)
 MID_ROW = (3, 4, 10)  # -> tokens (3, 2, 5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _model(method: str | None, **options: Any) -> torch.nn.Module:
@@ -105,47 +92,21 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results: dict[str, Any] = {}
-    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        for name, case in CASES.items():
-            torch.manual_seed(0)
-            try:
-                results[name] = case()
-            except Exception as error:  # recorded for the test that expects or reports it
-                results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-            dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("wan_context_parallel") / "results.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return json.loads(out.read_text())
-
-
-def _ok(results: dict[str, Any], name: str) -> dict[str, float]:
-    result = results[name]
-    assert "error" not in result, result.get("trace")
-    return result
+    return run_cases(__name__, tmp_path_factory.mktemp("wan_context_parallel"))
 
 
 def test_softmax_control_matches_single_process(results):
     """The harness: diffusers' own Ulysses attention on the unconverted Wan is exact."""
-    assert _ok(results, "softmax")["output"] < TOLERANCE
+    assert ok(results, "softmax")["output"] < TOLERANCE
 
 
 @pytest.mark.parametrize("case", ["linfusion", "lit", "lit_mid_row"])
 def test_linear_methods_match_single_process(results, case):
     """Outputs (and, where recorded, every parameter gradient summed over the processes) equal the
     single-process ones; LiT's per-frame convolution gets its rows across the mid-frame split."""
-    result = _ok(results, case)
+    result = ok(results, case)
     assert result["output"] < TOLERANCE
     if "grads" in result:
         assert result["num_grads"] > 0 and result["grads"] < TOLERANCE * max(1.0, result["grad_scale"])
@@ -155,7 +116,7 @@ def test_clear_matches_single_process_or_refuses(results):
     """``clear`` is exact under context parallelism once it exchanges its halo frames and rows
     (``ClearAttention.context_parallel``); until then it refuses rather than attend over a shard."""
     if ClearAttention.context_parallel:
-        assert _ok(results, "clear")["output"] < TOLERANCE
+        assert ok(results, "clear")["output"] < TOLERANCE
     else:
         error = results["clear"]["error"]
         assert error.startswith("NotImplementedError") and "'clear'" in error
