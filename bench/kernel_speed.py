@@ -4,8 +4,10 @@
 shadow the ``kernels`` package that diffusers and peft probe for.)
 
 Linear attention (``bench_linear``), for N from 1K to 1M tokens and the (B, H, D) of SD1.5
-(B=2, H=8, D=40/80), SDXL (B=2, H=10/20, D=64) and FLUX (B=1, H=24, D=128), on ``(B, N, H, D)``
-inputs (the layout the LinFusion layer passes):
+(B=2, H=8, D=40/80), SDXL (B=2, H=10/20, D=64), FLUX (B=1, H=24, D=128) and SANA-Video 2B
+(B=2, H=20, D=112; timed as SANA-Video calls the operator: its RoPE-rotated numerator alone,
+``feature_map="identity", normalize=False``), on ``(B, N, H, D)`` inputs (the layout the
+LinFusion layer passes):
 
 - ``triton`` (CUDA): ``linear_attention(..., backend="triton")``, the fused kernels;
 - ``reference``: the chunked PyTorch path (``backend="reference"``; the only one on CPU);
@@ -56,7 +58,7 @@ import lindiff
 from lindiff.kernels.linear_attention import linear_attention
 from lindiff.kernels.local_attention import clear_plan_cache, local_attention
 from lindiff.kernels.local_attention.flex import get_plan
-from lindiff.kernels.local_attention.reference import radius_threshold
+from lindiff.kernels.local_attention.reference import window_geometry
 from lindiff.kernels.local_attention.tiling import choose_tile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,7 +69,10 @@ SHAPES = {
     "sdxl-h10": (2, 10, 64),
     "sdxl-h20": (2, 20, 64),
     "flux": (1, 24, 128),
+    "sana-video": (2, 20, 112),
 }
+# Operator options per shape (default: ELU + 1 features, normalised): SANA-Video's numerator.
+SHAPE_OPTIONS = {"sana-video": {"feature_map": "identity", "normalize": False}}
 FULL = {"ns": [4**i for i in range(5, 11)], "shapes": list(SHAPES), "repeats": 10, "sdpa_max_n": 65536}
 QUICK = {"ns": [1024, 4096], "shapes": ["sd15-d40", "sdxl-h10"], "repeats": 3, "sdpa_max_n": 4096}
 # CLEAR on FLUX: square image-token grids (2048 and 4096 px), window radius, text tokens, heads, dim.
@@ -146,13 +151,22 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def time_method(
-    method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, repeats: int
+    method: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    repeats: int,
+    *,
+    options: dict | None = None,
 ) -> tuple[float | None, float | None]:
-    """Forward and forward + backward median ms of one method; ``None`` where it ran out of memory."""
+    """Forward and forward + backward median ms of one method; ``None`` where it ran out of memory.
+
+    ``options``: further keyword arguments of ``linear_attention`` (``SHAPE_OPTIONS``)."""
     if method == "sdpa":
         fn = lambda *t: F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in t)).transpose(1, 2)
     else:
-        fn = lambda *t: linear_attention(*t, kv_scale="mean", backend=method)
+        fn = lambda *t: linear_attention(*t, kv_scale="mean", backend=method, **(options or {}))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
     def forward():
@@ -198,6 +212,7 @@ def bench_linear(settings: dict, emit: Callable[[dict], None]) -> None:
                 "heads": heads,
                 "dim": dim,
                 "n": n,
+                "options": SHAPE_OPTIONS.get(shape, {}),
                 "dtype": str(dtype).removeprefix("torch."),
                 "lindiff": lindiff_method,
                 "bytes": {"fwd": 4 * tensor_bytes, "fwd_bwd": 11 * tensor_bytes},
@@ -212,7 +227,7 @@ def bench_linear(settings: dict, emit: Callable[[dict], None]) -> None:
                             record["ms"][f"sdpa_{key}"] = extrapolate_quadratic(sdpa_points[key], n)
                         record["sdpa_extrapolated"] = True
                     continue
-                fwd, fwd_bwd = time_method(method, q, k, v, grad, repeats)
+                fwd, fwd_bwd = time_method(method, q, k, v, grad, repeats, options=SHAPE_OPTIONS.get(shape))
                 record["ms"][f"{method}_fwd"], record["ms"][f"{method}_fwd_bwd"] = fwd, fwd_bwd
                 if method == "sdpa":
                     for key, ms in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -265,13 +280,13 @@ def local_flux_point(side: int, settings: dict) -> dict:
     tokens, grid3 = side * side, (1, side, side)
     q, k, v = (torch.randn(1, tokens, heads, dim, device=device, dtype=dtype) for _ in range(3))
     k_g, v_g = (torch.randn(1, num_global, heads, dim, device=device, dtype=dtype) for _ in range(2))
-    r2 = radius_threshold(radius, grid3)
-    tile = choose_tile(grid3, r2)
+    window = window_geometry(radius, None, grid3)
+    tile = choose_tile(grid3, window)
     plan_s = None
     if device.type == "cuda":
         clear_plan_cache()
         torch._dynamo.reset()
-        plan_s = time_call(functools.partial(get_plan, grid3, r2, tile, num_global, q.device), device)
+        plan_s = time_call(functools.partial(get_plan, grid3, window, tile, num_global, q.device), device)
     call = functools.partial(local_attention, q, k, v, grid=(side, side), radius=radius, global_kv=(k_g, v_g))
     qh, kh, vh = (
         q.transpose(1, 2),

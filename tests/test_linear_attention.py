@@ -8,8 +8,10 @@ import torch
 from lindiff.kernels.linear_attention import (
     FEATURE_MAPS,
     linear_attention,
+    linear_attention_from_state,
     linear_attention_quadratic,
     linear_attention_reference,
+    linear_attention_state,
     reference,
 )
 
@@ -35,8 +37,10 @@ def to_layout(t, layout):
 @pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 @pytest.mark.parametrize("kv_scale", [0.37, "mean"])
-def test_reference_equals_quadratic_formula(feature_map, layout, kv_scale):
-    q, k, v = qkv(2, 23, 17, 3, 8, 5, positive=feature_map == "identity")
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_equals_quadratic_formula(feature_map, layout, kv_scale, normalize):
+    # Signed identity features only without the normaliser (which they could drive to zero).
+    q, k, v = qkv(2, 23, 17, 3, 8, 5, positive=feature_map == "identity" and normalize)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out = linear_attention(
         *(to_layout(t, layout) for t in leaves),
@@ -45,10 +49,15 @@ def test_reference_equals_quadratic_formula(feature_map, layout, kv_scale):
         layout=layout,
         kv_scale=kv_scale,
         backend="reference",
+        normalize=normalize,
     )
     out = to_layout(out, layout)
     want = linear_attention_quadratic(
-        *leaves, feature_map, eps=1e-3, kv_scale=None if kv_scale == "mean" else kv_scale
+        *leaves,
+        feature_map,
+        eps=1e-3,
+        kv_scale=None if kv_scale == "mean" else kv_scale,
+        normalize=normalize,
     )
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(out)
@@ -59,13 +68,14 @@ def test_reference_equals_quadratic_formula(feature_map, layout, kv_scale):
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
-def test_chunked_inference_path_equals_autograd_path(monkeypatch, layout):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_inference_path_equals_autograd_path(monkeypatch, layout, normalize):
     """Without autograd the reference streams chunks into a preallocated output; same numbers."""
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 700)  # a handful of tokens per chunk
     q, k, v = (to_layout(t, layout) for t in qkv(2, 53, 41, 2, 6, 7, dtype=torch.float32))
     with torch.no_grad():
-        chunked = linear_attention_reference(q, k, v, "elu1", 1e-4, layout, None)
-    whole = linear_attention_reference(q.requires_grad_(), k, v, "elu1", 1e-4, layout, None)
+        chunked = linear_attention_reference(q, k, v, "elu1", 1e-4, layout, None, normalize)
+    whole = linear_attention_reference(q.requires_grad_(), k, v, "elu1", 1e-4, layout, None, normalize)
     assert chunked.is_contiguous() and chunked.shape == whole.shape
     torch.testing.assert_close(chunked, whole.detach(), rtol=1e-5, atol=1e-6)
 
@@ -87,6 +97,29 @@ def test_strided_views_and_output_layout():
     out_bhnd = linear_attention(*(t.transpose(1, 2) for t in (q, k, v)), layout="bhnd", kv_scale="mean")
     assert out_bhnd.shape == (batch, heads, n, dim) and out_bhnd.is_contiguous()
     torch.testing.assert_close(out_bhnd.transpose(1, 2), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_unnormalized_is_the_numerator_einsum(layout):
+    """``normalize=False``: ``o_i = s * sum_j (phi(q_i) . phi(k_j)) v_j``, written out; ``eps`` is unused."""
+    q, k, v = qkv(2, 9, 13, 3, 8, 5)
+    out = linear_attention(
+        *(to_layout(t, layout) for t in (q, k, v)),
+        feature_map="relu",
+        eps=123.0,
+        layout=layout,
+        kv_scale=0.5,
+        normalize=False,
+    )
+    want = 0.5 * torch.einsum("bnhd,bmhd,bmhe->bnhe", q.relu(), k.relu(), v)
+    torch.testing.assert_close(to_layout(out, layout), want, rtol=1e-12, atol=1e-12)
+    state = linear_attention_state(
+        to_layout(k, layout), to_layout(v, layout), feature_map="relu", layout=layout
+    )
+    from_state = linear_attention_from_state(
+        to_layout(q, layout), state * 0.5, feature_map="relu", layout=layout, normalize=False
+    )
+    torch.testing.assert_close(to_layout(from_state, layout), want, rtol=1e-12, atol=1e-12)
 
 
 def test_value_dim_and_token_counts_may_differ():
@@ -170,6 +203,9 @@ def call(q=GOOD["q"], k=GOOD["k"], v=GOOD["v"], dtype=torch.float32, **kwargs):
         (dict(eps=-1.0), ValueError, ["eps", "-1.0"]),
         (dict(kv_scale="sum"), ValueError, ["kv_scale", "'mean'", "'sum'"]),
         (dict(kv_scale=0.0), ValueError, ["kv_scale", "positive"]),
+        (dict(normalize="no"), TypeError, ["normalize", "bool", "'no'"]),
+        (dict(normalize=0), TypeError, ["normalize", "bool", "0"]),
+        (dict(normalize=None, backend="triton"), TypeError, ["normalize", "None"]),
     ],
 )
 def test_invalid_inputs_name_the_argument(kwargs, error, words):
@@ -177,6 +213,13 @@ def test_invalid_inputs_name_the_argument(kwargs, error, words):
         call(**kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+def test_from_state_checks_normalize():
+    q = torch.randn(1, 4, 2, 8)
+    state = linear_attention_state(q, q)
+    with pytest.raises(TypeError, match=r"normalize must be a bool .* got 'False'"):
+        linear_attention_from_state(q, state, normalize="False")
 
 
 def test_mixed_dtypes_rejected():

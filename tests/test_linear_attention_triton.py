@@ -59,16 +59,21 @@ def compare(
     dim_stride=1,
     device=DEVICE,
     tol=None,
+    normalize=True,
 ):
-    """Run the kernels and the float64 reference on the same inputs and a random ``dO``."""
+    """Run the kernels and the float64 reference on the same inputs and a random ``dO``.
+
+    Identity features are positive for the normalised form (a signed denominator can vanish),
+    signed for the numerator alone (``normalize=False``: RoPE-rotated features, as SANA-Video's).
+    """
     n_k = n_q if n_k is None else n_k
     dim_v = dim if dim_v is None else dim_v
-    positive = feature_map == "identity"
+    positive = feature_map == "identity" and normalize
     q = strided(batch, n_q, heads, dim, layout, dtype, device, positive, dim_stride)
     k = strided(batch, n_k, heads, dim, layout, dtype, device, positive, dim_stride)
     v = strided(batch, n_k, heads, dim_v, layout, dtype, device, False, dim_stride)
     assert min(n_q, n_k) == 1 or not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    kwargs = dict(feature_map=feature_map, eps=eps, layout=layout, kv_scale=kv_scale)
+    kwargs = dict(feature_map=feature_map, eps=eps, layout=layout, kv_scale=kv_scale, normalize=normalize)
 
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = linear_attention(*leaves, backend="triton", **kwargs)
@@ -77,7 +82,7 @@ def compare(
 
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     scale = None if kv_scale == "mean" else kv_scale
-    ref = linear_attention_reference(*ref_leaves, feature_map, eps, layout, scale)
+    ref = linear_attention_reference(*ref_leaves, feature_map, eps, layout, scale, normalize)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
 
     assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
@@ -124,6 +129,60 @@ def test_other_feature_maps(feature_map):
 @pytest.mark.parametrize("eps", [0.0, 10.0])
 def test_eps_edge_cases(eps):
     compare(n_q=29, dim=32, eps=eps)
+
+
+# --- normalize=False: the numerator phi(q) S alone (SANA-Video's rotated numerator) -------------
+
+
+@pytest.mark.parametrize(
+    ("feature_map", "dtype", "layout", "dim", "kv_scale"),
+    [
+        ("identity", torch.float32, "bnhd", 40, "mean"),
+        ("identity", torch.float32, "bhnd", 112, 1.0),  # SANA-Video's head dim, one 128 tile
+        ("identity", torch.bfloat16, "bnhd", 40, "mean"),
+        ("identity", torch.float16, "bhnd", 32, "mean"),
+        ("relu", torch.float32, "bnhd", 32, 0.25),
+        ("elu1", torch.bfloat16, "bhnd", 32, "mean"),
+    ],
+)
+def test_unnormalized(feature_map, dtype, layout, dim, kv_scale):
+    """Output, dq, dk and dv of ``normalize=False`` against the float64 reference."""
+    compare(
+        batch=2,
+        n_q=41,
+        n_k=29,
+        dim=dim,
+        dtype=dtype,
+        layout=layout,
+        feature_map=feature_map,
+        kv_scale=kv_scale,
+        normalize=False,
+    )
+
+
+def test_unnormalized_eps_is_unused():
+    q, k, v = (strided(1, 20, 2, 16, "bnhd", torch.float32) for _ in range(3))
+    small, large = (
+        linear_attention(q, k, v, feature_map="identity", eps=eps, normalize=False, backend="triton")
+        for eps in (0.0, 1e3)
+    )
+    assert torch.equal(small, large)
+
+
+def test_unnormalized_tiles_and_splits(monkeypatch):
+    """Head dim in several output-pass chunks (NUM_D = 3), value dim in two state tiles (NUM_E = 2),
+    several splits; the launchers pass NORMALIZE=False to the output and query-gradient kernels."""
+    recorders = {name: LaunchRecorder(getattr(tla, name)) for name in KERNELS}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(tla, name, recorder)
+    monkeypatch.setattr(tla, "_sm_count", lambda device: 64)
+    monkeypatch.setenv("LINDIFF_LINEAR_BLOCK_D", "16")
+    monkeypatch.setenv("LINDIFF_LINEAR_BLOCK_DV", "16")
+    compare(n_q=260, dim=40, dim_v=24, feature_map="identity", normalize=False)
+    for name in ("_output_kernel", "_query_grad_kernel"):
+        ((grid, kwargs),) = recorders[name].launches
+        assert kwargs["NORMALIZE"] is False and grid[0] == 2 and grid[1] > 1, name
+    assert recorders["_output_kernel"].launches[0][1]["NUM_D"] == 3
 
 
 def test_inner_dim_stride():
@@ -189,6 +248,8 @@ def test_launchers_pass_operand_dtypes_and_put_state_tiles_first(monkeypatch, dt
             assert kwargs["TOKEN_DOT"] == token and grid[0] == 3 * 2 and kwargs["BLOCK_D"] == 16
         else:
             assert kwargs["STATE_DOT"] == state and grid[0] == 2
+        if name in ("_output_kernel", "_query_grad_kernel"):
+            assert kwargs["NORMALIZE"] is True
         if name == "_output_kernel":
             assert kwargs["NUM_D"] == 3
         elif name != "_state_partials_kernel":
@@ -231,13 +292,18 @@ def test_custom_op_registration():
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.lindiff.linear_attention.default, (q, k, v, "elu1", 1e-4, "bnhd", None))
+    torch.library.opcheck(
+        torch.ops.lindiff.linear_attention.default, (q, k, v, "identity", 1e-4, "bnhd", 1.0, False)
+    )
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_compiles_without_graph_breaks(normalize):
     """Dynamo sees the custom op; AOTAutograd traces the backward through the backward op."""
 
     def layer(q, k, v):
-        return linear_attention(q, k, v, kv_scale="mean", backend="triton").flatten(2) * 2.0
+        out = linear_attention(q, k, v, kv_scale="mean", backend="triton", normalize=normalize)
+        return out.flatten(2) * 2.0
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     q, k, v = (strided(1, 40, 2, 32, "bnhd", torch.float32) for _ in range(3))
@@ -275,6 +341,24 @@ def test_gpu_matches_reference(n, dtype):
 def test_gpu_head_dims(dim, dim_v):
     compare(
         batch=2, heads=3, n_q=4096, dim=dim, dim_v=dim_v, dtype=torch.bfloat16, layout="bhnd", device="cuda"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_unnormalized_sana_video_shape(dtype):
+    """SANA-Video's numerator: 2 x 20 heads x 112, the 32760 tokens of 81 frames at 480 x 832
+    (21 x 30 x 52 after the VAE and 1x2x2 patches), signed (rotated) features, mean-scaled."""
+    compare(
+        batch=2,
+        heads=20,
+        n_q=32760,
+        dim=112,
+        dtype=dtype,
+        feature_map="identity",
+        kv_scale="mean",
+        normalize=False,
+        device="cuda",
     )
 
 

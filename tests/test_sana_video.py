@@ -8,6 +8,7 @@ tokens; through ``SanaVideoPipeline``, ``n`` frames of ``h x w`` px give
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import tiny_video_models_b as tiny_b
 import torch
 import torch.nn.functional as F
+from diffusers import SanaVideoTransformer3DModel
 from diffusers.models.transformers.transformer_sana_video import SanaLinearAttnProcessor3_0
 from torch import nn
 
@@ -29,6 +31,9 @@ from lindiff.denoisers import pipeline_adapter
 from lindiff.grid import GridShape
 from lindiff.pipelines.loading import check_size
 from lindiff.state import get_state
+
+# The subpackage itself (``lindiff.kernels.linear_attention`` the attribute is the function).
+la_pkg = importlib.import_module("lindiff.kernels.linear_attention")
 
 LATENTS = [(3, 8, 12), (2, 12, 8)]
 # (frames, height px, width px) of pipeline calls (multiples of 32 px), and their token grids.
@@ -69,25 +74,132 @@ def test_sana_matches_diffusers_without_new_parameters_on_two_grids_in_turn():
         assert torch.equal(output(model, inputs), reference)
 
 
+def test_sana_runs_the_fused_kernel(monkeypatch):
+    """With the dispatch of CUDA tensors forced (``backend="auto"`` picks the Triton kernels, here
+    under the interpreter), every ``attn1`` call runs the fused op once, unnormalised, and the
+    model still equals diffusers'."""
+    calls = []
+    real_op = la_pkg.linear_attention_op
+    use_triton = la_pkg._use_triton
+    monkeypatch.setattr(la_pkg, "_use_triton", lambda q, backend: use_triton(q, "triton"))
+    monkeypatch.setattr(
+        la_pkg, "linear_attention_op", lambda *args: calls.append((args[3], *args[6:])) or real_op(*args)
+    )
+    model = tiny_b.sana_video_transformer()
+    inputs = tiny_b.sana_video_inputs(*LATENTS[0], batch=2)
+    reference = output(model, inputs)
+    lindiff.linearize(model, "sana")
+    torch.testing.assert_close(output(model, inputs), reference, rtol=0, atol=2e-6)
+    # feature_map, kv_scale (None: 1 / N) and normalize, once per block.
+    assert calls == [("identity", None, False)] * len(LAYERS)
+
+
+def _rope(tokens: int, dim: int, generator: torch.Generator, device: str = "cpu"):
+    """Random RoPE tables as ``WanRotaryPosEmbed`` gives them: ``(1, N, 1, D)`` float64, pairs repeated."""
+    angles = torch.rand(1, tokens, 1, dim // 2, dtype=torch.float64, generator=generator) * 6
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    return cos.to(device), sin.to(device)
+
+
+def _sana_video_formula(q, k, v, cos, sin, eps=1e-15):
+    """diffusers' ``SanaLinearAttnProcessor3_0`` in float64, in its linear form:
+    ``o_i = R_i f(q_i) S_R / (f(q_i) . sum_j f(k_j) + eps)``, ``S_R = sum_j (R_j f(k_j))^T v_j``."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rq, rk = apply_wan_rotary(F.relu(q), cos, sin), apply_wan_rotary(F.relu(k), cos, sin)
+    state = torch.einsum("bjhd,bjhe->bhde", rk, v)
+    normaliser = torch.einsum("bihd,bhd->bih", F.relu(q), F.relu(k).sum(1)) + eps
+    return torch.einsum("bihd,bhde->bihe", rq, state) / normaliser[..., None]
+
+
 def test_rotary_form_is_the_numerator_rotated_over_the_plain_normaliser():
     """:meth:`SanaLinearAttention.rotary` against the formula in float64, written quadratically:
-    ``o_i = sum_j (R_i f(q_i) . R_j f(k_j)) v_j / (f(q_i) . sum_j f(k_j) + eps)``, ``f = relu``."""
+    ``o_i = sum_j (R_i f(q_i) . R_j f(k_j)) v_j / (f(q_i) . sum_j f(k_j) + eps)``, ``f = relu``;
+    gradients of q, k, v too."""
     batch, tokens, heads, dim = 2, 10, 2, 6
     generator = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, batch, tokens, heads, dim, dtype=torch.float64, generator=generator).unbind(0)
-    angles = torch.rand(1, tokens, 1, dim // 2, dtype=torch.float64, generator=generator) * 6
-    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    cos, sin = _rope(tokens, dim, generator)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         return apply_wan_rotary(x, cos, sin)
 
-    out = SanaLinearAttention(eps=1e-15).rotary(q, k, v, Tokens(image=slice(0, tokens)), rotate)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = SanaLinearAttention(eps=1e-15).rotary(*leaves, Tokens(image=slice(0, tokens)), rotate)
     scores = torch.einsum("bihd,bjhd->bhij", rotate(F.relu(q)), rotate(F.relu(k)))
     normaliser = torch.einsum("bihd,bhd->bhi", F.relu(q), F.relu(k).sum(1)) + 1e-15
     expected = torch.einsum("bhij,bjhd->bihd", scores / normaliser[..., None], v)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    plain = SanaLinearAttention(eps=1e-15)(q, k, v, Tokens(image=slice(0, tokens)))
+    torch.testing.assert_close(out, _sana_video_formula(q, k, v, cos, sin), rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=generator)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(expected, leaves, grad)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"d{name}")
+    with torch.no_grad():
+        plain = SanaLinearAttention(eps=1e-15)(q, k, v, Tokens(image=slice(0, tokens)))
     assert (plain - expected).abs().max() > 1e-2  # the rotation matters
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+def test_rotary_half_precision(dtype, tol):
+    """16-bit q, k, v (the reference path here): the float32 normaliser and a mean-scaled
+    numerator keep the output within the operator's half-precision tolerance of float64."""
+    batch, tokens, heads, dim = 2, 300, 2, 16
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, batch, tokens, heads, dim, generator=generator).unbind(0)
+    cos, sin = _rope(tokens, dim, generator)
+    out = SanaLinearAttention(eps=1e-15).rotary(
+        *(t.to(dtype) for t in (q, k, v)),
+        Tokens(image=slice(0, tokens)),
+        lambda x: apply_wan_rotary(x, cos, sin),
+    )
+    want = _sana_video_formula(*(t.to(dtype) for t in (q, k, v)), cos, sin)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert ((out.double() - want).norm() / want.norm()).item() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_gpu_rotary_on_the_fused_kernel_at_sana_video_size(monkeypatch, dtype, tol):
+    """One SANA-Video 2B attention call at 81 frames of 480 x 832 (2 x 32760 tokens, 20 heads x 112)
+    on CUDA: the fused op runs, and the output is the float64 formula's within the kernels'
+    tolerance for the dtype."""
+    calls = []
+    real_op = la_pkg.linear_attention_op
+    monkeypatch.setattr(la_pkg, "linear_attention_op", lambda *args: calls.append(args[-1]) or real_op(*args))
+    batch, tokens, heads, dim = 2, 32760, 20, 112
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(batch, tokens, heads, dim, generator=generator).cuda().to(dtype) for _ in range(3))
+    cos, sin = _rope(tokens, dim, generator, "cuda")
+    with torch.no_grad():
+        out = SanaLinearAttention(eps=1e-15).rotary(
+            q, k, v, Tokens(image=slice(0, tokens)), lambda x: apply_wan_rotary(x, cos, sin)
+        )
+        want = _sana_video_formula(q, k, v, cos, sin)
+    assert calls == [False] and out.dtype == dtype
+    err = ((out.double() - want).norm() / want.norm()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.gpu
+def test_gpu_sana_matches_diffusers_at_full_width():
+    """A one-block SANA-Video 2B transformer (2240 wide, 20 heads x 112) in bfloat16 on CUDA at 17
+    frames of 480 x 832 (5 x 30 x 52 tokens): ``"sana"`` against diffusers' processor."""
+    torch.manual_seed(0)
+    model = SanaVideoTransformer3DModel(num_layers=1).cuda().to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 5, 60, 104, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 32, 2304, generator=generator),
+        "timestep": torch.full((1,), 500.0),
+    }
+    inputs = {
+        name: t.cuda().to(torch.bfloat16 if t.is_floating_point() else t.dtype) for name, t in inputs.items()
+    }
+    reference = output(model, inputs).double()
+    lindiff.linearize(model, "sana")
+    err = ((output(model, inputs).double() - reference).norm() / reference.norm()).item()
+    assert err < 2e-2, f"relative error {err:.2e}"
 
 
 METHODS = [

@@ -7,6 +7,12 @@ implementations (``autograd.py``), and this public function, which validates and
 Triton is installed); anything else runs the plain-PyTorch reference in ``reference.py``, which is
 also what the Triton kernels are tested against.
 
+``normalize=False`` returns the numerator ``phi(q_i) S`` alone, on the fused kernels as well (a
+compile-time flag that drops the normaliser from the output and from the gradients), for a
+caller whose normaliser is not ``phi(q_i) . z`` of the same features: SANA-Video rotates the
+features of its numerator by a RoPE and not those of its normaliser
+(:meth:`lindiff.attention.sana.SanaLinearAttention.rotary` divides by its own).
+
 The same operator in two passes, :func:`linear_attention_state` then
 :func:`linear_attention_from_state`, lets a caller combine the states of several key/value sets
 before the output pass (context parallelism sums the states of a sequence's shards). The two
@@ -92,6 +98,11 @@ def _check_inputs(q, k, v, feature_map, eps, layout, kv_scale, backend) -> None:
         raise ValueError(f"kv_scale must be a positive number or 'mean', got {kv_scale!r}")
 
 
+def _check_normalize(normalize) -> None:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool (True or False), got {normalize!r}")
+
+
 @functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
@@ -140,10 +151,12 @@ def linear_attention(
     layout: str = "bnhd",
     kv_scale: float | str = 1.0,
     backend: str = "auto",
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Normalised non-causal linear attention ``o_i = phi(q_i) S / (phi(q_i) . z + eps)``.
 
-    ``S = s * sum_j phi(k_j)^T v_j`` and ``z = s * sum_j phi(k_j)``, accumulated in float32.
+    ``S = s * sum_j phi(k_j)^T v_j`` and ``z = s * sum_j phi(k_j)``, accumulated in float32;
+    ``normalize=False`` gives the numerator ``o_i = phi(q_i) S`` alone.
 
     Args:
         q: ``(B, N_q, H, D)`` for ``layout="bnhd"``, ``(B, H, N_q, D)`` for ``layout="bhnd"``.
@@ -156,16 +169,21 @@ def linear_attention(
         backend: ``"auto"`` (Triton for CUDA tensors when Triton is installed, else the
             reference), ``"triton"`` (the fused kernels; CUDA or ``TRITON_INTERPRET=1``; float32,
             float16, bfloat16) or ``"reference"`` (plain PyTorch, any device, also float64).
+        normalize: ``True`` (the default) divides by ``phi(q_i) . z + eps``; ``False`` returns the
+            numerator ``phi(q_i) S`` (``eps`` unused), for a caller that divides by a normaliser of
+            its own. Its magnitude grows with ``s * N_k``: for float16 inputs a ``kv_scale`` of
+            ``"mean"`` keeps it in range.
 
     Returns:
         The attention output in the layout and dtype of ``q``, value dim ``D_v``.
     """
     _check_inputs(q, k, v, feature_map, eps, layout, kv_scale, backend)
+    _check_normalize(normalize)
     scale = None if kv_scale == "mean" else float(kv_scale)
     if _use_triton(q, backend):
-        return linear_attention_op(q, k, v, feature_map, float(eps), layout, scale)[0]
+        return linear_attention_op(q, k, v, feature_map, float(eps), layout, scale, normalize)[0]
     return linear_attention_reference(
-        q, k, v, feature_map=feature_map, eps=float(eps), layout=layout, kv_scale=scale
+        q, k, v, feature_map=feature_map, eps=float(eps), layout=layout, kv_scale=scale, normalize=normalize
     )
 
 
@@ -206,6 +224,7 @@ def linear_attention_from_state(
     feature_map: str = "elu1",
     eps: float = 1e-4,
     layout: str = "bnhd",
+    normalize: bool = True,
 ) -> torch.Tensor:
     """The second pass of :func:`linear_attention`: ``o_i = phi(q_i) S / (phi(q_i) . z + eps)``.
 
@@ -215,11 +234,13 @@ def linear_attention_from_state(
         feature_map: as in :func:`linear_attention` (the one the state was computed with).
         eps: added to the denominator.
         layout: ``"bnhd"`` or ``"bhnd"``.
+        normalize: as in :func:`linear_attention`: ``False`` returns ``phi(q_i) S`` (``z`` unused).
 
     Returns:
         The attention output in the layout and dtype of ``q``, value dim ``D_v``.
     """
     _check_inputs(q, q, q, feature_map, eps, layout, 1.0, "reference")
+    _check_normalize(normalize)
     batch, heads = (q.shape[0], q.shape[2]) if layout == "bnhd" else (q.shape[0], q.shape[1])
     if not isinstance(state, torch.Tensor) or state.dtype not in (torch.float32, torch.float64):
         raise TypeError(
@@ -231,5 +252,5 @@ def linear_attention_from_state(
             f"for q of shape {tuple(q.shape)} ({layout!r} layout), got {tuple(state.shape)}"
         )
     return linear_attention_from_state_reference(
-        q, state, feature_map=feature_map, eps=float(eps), layout=layout
+        q, state, feature_map=feature_map, eps=float(eps), layout=layout, normalize=normalize
     )

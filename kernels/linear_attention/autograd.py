@@ -8,7 +8,9 @@ at the first real call, so registering the ops costs nothing where it is missing
 
 The forward op also returns the reduced state ``S`` ``(B*H, D, D_v)`` and ``z`` ``(B*H, D)``
 (float32, already multiplied by ``s``): the backward needs them and they are small. They are
-internal; the public function returns only the attention output.
+internal; the public function returns only the attention output. ``normalize=False`` (the
+numerator ``phi(q) S`` alone) is a trailing argument of both ops with a default, so calls that
+leave it out keep the normalised form.
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ def linear_attention_op(
     eps: float,
     layout: str,
     kv_scale: float | None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: ``(o, S, z)``; arguments as in ``linear_attention`` (``None`` scale = mean)."""
     from .triton_linear_attention import linear_attention_forward
 
-    return linear_attention_forward(q, k, v, feature_map, eps, layout, kv_scale)
+    return linear_attention_forward(q, k, v, feature_map, eps, layout, kv_scale, normalize)
 
 
 @linear_attention_op.register_fake
-def _(q, k, v, feature_map, eps, layout, kv_scale) -> Tensors3:
+def _(q, k, v, feature_map, eps, layout, kv_scale, normalize=True) -> Tensors3:
     heads = q.shape[0] * (q.shape[2] if layout == "bnhd" else q.shape[1])
     dim, dim_v = q.shape[-1], v.shape[-1]
     out = q.new_empty(_shape(q, layout, _tokens(q, layout), dim_v))
@@ -67,15 +70,18 @@ def linear_attention_backward_op(
     eps: float,
     layout: str,
     kv_scale: float | None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dq, dk, dv)`` from ``dO`` and the forward's inputs and state."""
     from .triton_linear_attention import linear_attention_backward
 
-    return linear_attention_backward(grad_out, q, k, v, state, norm, feature_map, eps, layout, kv_scale)
+    return linear_attention_backward(
+        grad_out, q, k, v, state, norm, feature_map, eps, layout, kv_scale, normalize
+    )
 
 
 @linear_attention_backward_op.register_fake
-def _(grad_out, q, k, v, state, norm, feature_map, eps, layout, kv_scale) -> Tensors3:
+def _(grad_out, q, k, v, state, norm, feature_map, eps, layout, kv_scale, normalize=True) -> Tensors3:
     return (
         q.new_empty(_shape(q, layout, _tokens(q, layout), q.shape[-1])),
         k.new_empty(_shape(k, layout, _tokens(k, layout), k.shape[-1])),
@@ -84,10 +90,10 @@ def _(grad_out, q, k, v, state, norm, feature_map, eps, layout, kv_scale) -> Ten
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, feature_map, eps, layout, kv_scale = inputs
+    q, k, v, feature_map, eps, layout, kv_scale, normalize = inputs
     _, state, norm = output
     ctx.save_for_backward(q, k, v, state, norm)
-    ctx.args = (feature_map, eps, layout, kv_scale)
+    ctx.args = (feature_map, eps, layout, kv_scale, normalize)
 
 
 def _backward(ctx, grad_out, grad_state, grad_norm):
@@ -95,7 +101,7 @@ def _backward(ctx, grad_out, grad_state, grad_norm):
     # always zero and are ignored.
     q, k, v, state, norm = ctx.saved_tensors
     dq, dk, dv = linear_attention_backward_op(grad_out, q, k, v, state, norm, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -7,9 +7,11 @@ For every query ``i``:
 
     o_i = phi(q_i) S / (phi(q_i) . z + eps),   S = s * sum_j phi(k_j)^T v_j,   z = s * sum_j phi(k_j)
 
-with ``s = kv_scale`` (``1/N_k`` for the mean-normalised variant of LinFusion). The state ``S, z``
-is accumulated in float32 (float64 for float64 inputs), over chunks of the sequence so that memory
-beyond the inputs and the output stays bounded by the chunk size.
+with ``s = kv_scale`` (``1/N_k`` for the mean-normalised variant of LinFusion); ``normalize=False``
+gives the numerator ``o_i = phi(q_i) S`` alone (no ``z``, no ``eps``), for callers that divide by a
+normaliser of their own (SANA-Video's, whose numerator features are rotated and whose normaliser's
+are not). The state ``S, z`` is accumulated in float32 (float64 for float64 inputs), over chunks of
+the sequence so that memory beyond the inputs and the output stays bounded by the chunk size.
 
 The CPU path runs this code, so it avoids copies of the sequence-sized tensors: inputs are read
 through strided views (per-batch ``bmm`` takes them as they are), ``phi`` is computed once, in the
@@ -118,8 +120,9 @@ def linear_attention_reference(
     eps: float = 1e-4,
     layout: str = "bnhd",
     kv_scale: float | None = 1.0,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Normalised non-causal linear attention, computed in float32 chunks.
+    """Non-causal linear attention, computed in float32 chunks.
 
     Args:
         q: queries, ``(B, N_q, H, D)`` for ``layout="bnhd"`` or ``(B, H, N_q, D)`` for ``"bhnd"``.
@@ -128,6 +131,7 @@ def linear_attention_reference(
         feature_map: name in ``FEATURE_MAPS``, applied to q and k.
         eps: added to the denominator.
         kv_scale: multiplies ``S`` and ``z``; ``None`` means ``1 / N_k`` (mean normalisation).
+        normalize: ``False`` returns the numerator ``phi(q_i) S`` (``z`` and ``eps`` unused).
 
     Returns:
         ``(B, N_q, H, D_v)`` (or ``(B, H, N_q, D_v)``), contiguous, in the dtype of ``q``.
@@ -135,7 +139,7 @@ def linear_attention_reference(
     if layout == "bhnd":
         k, v = (t.transpose(1, 2) for t in (k, v))
     state = linear_attention_state_reference(k, v, feature_map, kv_scale)
-    return linear_attention_from_state_reference(q, state, feature_map, eps, layout)
+    return linear_attention_from_state_reference(q, state, feature_map, eps, layout, normalize)
 
 
 def linear_attention_from_state_reference(
@@ -144,6 +148,7 @@ def linear_attention_from_state_reference(
     feature_map: str = "elu1",
     eps: float = 1e-4,
     layout: str = "bnhd",
+    normalize: bool = True,
 ) -> torch.Tensor:
     """The output pass of linear attention: ``o_i = phi(q_i) S / (phi(q_i) . z + eps)`` for a given state.
 
@@ -153,6 +158,7 @@ def linear_attention_from_state_reference(
             (possibly summed over processes); its dtype is the accumulation dtype.
         feature_map: name in ``FEATURE_MAPS``, applied to q.
         eps: added to the denominator.
+        normalize: ``False`` returns the numerator ``phi(q_i) S`` (the ``z`` column and ``eps`` unused).
 
     Returns:
         ``(B, N_q, H, D_v)`` (or ``(B, H, N_q, D_v)``), contiguous, in the dtype of ``q``.
@@ -168,7 +174,9 @@ def linear_attention_from_state_reference(
         rows = []
         for p, st in zip(_feature(q, feature_map, state.dtype).unbind(), state.unbind(), strict=True):
             p = p.transpose(0, 1)
-            row = torch.bmm(p, st[..., :dim_v]) / (torch.bmm(p, st[..., dim_v:]) + eps)
+            row = torch.bmm(p, st[..., :dim_v])
+            if normalize:
+                row = row / (torch.bmm(p, st[..., dim_v:]) + eps)
             rows.append(row if layout == "bhnd" else row.transpose(0, 1))
         return torch.stack(rows).to(q.dtype)
 
@@ -178,11 +186,15 @@ def linear_attention_from_state_reference(
     for start, end in _chunks(n_q, batch * heads * (dim + dim_v + 1)):
         phi_q = _feature(q[:, start:end], feature_map, state.dtype)
         for b in range(batch):
+            target = out_bnhd[b, start:end].transpose(0, 1)
+            if not normalize:
+                target.copy_(torch.bmm(phi_q[b].transpose(0, 1), state[b, :, :, :dim_v]))
+                continue
             # (H, n, D) @ (H, D, D_v + 1): numerator and denominator in one matmul; the division
             # writes the output in place.
             num = torch.bmm(phi_q[b].transpose(0, 1), state[b])
             den = num[..., dim_v:].add_(eps)
-            torch.div(num[..., :dim_v], den, out=out_bnhd[b, start:end].transpose(0, 1))
+            torch.div(num[..., :dim_v], den, out=target)
     return out
 
 
@@ -193,15 +205,19 @@ def linear_attention_quadratic(
     feature_map: str = "elu1",
     eps: float = 1e-4,
     kv_scale: float | None = 1.0,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """The same operator written as explicit O(N^2) kernel attention, ``(B, N, H, D)`` layout.
 
-    ``o_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with ``w_ij = s * phi(q_i) . phi(k_j)``. Used by
-    tests to check that the linear form equals the kernel-attention formula; never in models.
+    ``o_i = sum_j w_ij v_j / (sum_j w_ij + eps)`` with ``w_ij = s * phi(q_i) . phi(k_j)`` (the
+    numerator alone for ``normalize=False``). Used by tests to check that the linear form equals
+    the kernel-attention formula; never in models.
     """
     phi = FEATURE_MAPS[feature_map]
     scale = 1.0 / k.shape[1] if kv_scale is None else float(kv_scale)
     weights = torch.einsum("bnhd,bmhd->bhnm", phi(q.double()), phi(k.double())) * scale
     numerator = torch.einsum("bhnm,bmhe->bnhe", weights, v.double())
+    if not normalize:
+        return numerator.to(q.dtype)
     denominator = weights.sum(-1).transpose(1, 2).unsqueeze(-1) + eps
     return (numerator / denominator).to(q.dtype)

@@ -25,6 +25,12 @@ The backward holds the whole head dim in one tile; ``num_e`` tiles the value dim
 programs of one ``(head, split)`` then share the key/query tiles, each owning ``BLOCK_DV``
 columns of the state.
 
+Unnormalised form (``normalize=False``, the compile-time ``NORMALIZE`` of the output and
+query-gradient kernels): ``o_i = phi(q_i) S``, i.e. ``den_i = 1`` and no ``z`` in the output, so
+``g_i = 0``: ``dq_i = t_i * phi'(q_i)``, ``A = s * sum_i p_i^T dO_i``, ``c = 0``. The state and
+key-gradient kernels are shared by both forms (the state pass still sums ``z``, a row sum of a
+tile it holds; the key pass subtracts the zero ``c``).
+
 The state-tile index is the first grid axis everywhere, so the programs that read the same
 key or query tiles are launched next to each other and find them in L2. Tile sizes, splits and
 their environment overrides are in ``config.py``.
@@ -195,9 +201,10 @@ def _output_kernel(
     FEATURE_MAP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_D: tl.constexpr,
     STATE_DOT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
-    """``o = phi(q) S / (phi(q) . z + eps)`` for the query tiles of one slice, BLOCK_DV columns.
+    """``o = phi(q) S / (phi(q) . z + eps)`` for the query tiles of one slice, BLOCK_DV columns
+    (``o = phi(q) S`` without ``NORMALIZE``: ``z`` is not read).
 
     The head dim runs in ``NUM_D`` chunks of ``BLOCK_D``; with one chunk the state tile is loaded
     once, with several each chunk of it is reloaded per query tile (from L1/L2).
@@ -218,7 +225,8 @@ def _output_kernel(
             mask=mask_d0[:, None] & mask_e[None, :],
             other=0.0,
         )
-        z_whole = tl.load(z_base + offs_d0, mask=mask_d0, other=0.0)
+        if NORMALIZE:
+            z_whole = tl.load(z_base + offs_d0, mask=mask_d0, other=0.0)
 
     start, end = _tile_range(N, tiles_per_split, BLOCK_N)
     for tile in range(start, end):
@@ -237,17 +245,17 @@ def _output_kernel(
             p = tl.where(mask_q, _phi(q.to(tl.float32), FEATURE_MAP), 0.0)
             if NUM_D == 1:
                 s = s_whole
-                z = z_whole
             else:
                 s = tl.load(
                     s_base + offs_d[:, None] * VALUE_DIM + offs_e[None, :],
                     mask=mask_d[:, None] & mask_e[None, :],
                     other=0.0,
                 )
-                z = tl.load(z_base + offs_d, mask=mask_d, other=0.0)
-            den += tl.sum(p * z[None, :], axis=1)
+            if NORMALIZE:
+                z = z_whole if NUM_D == 1 else tl.load(z_base + offs_d, mask=mask_d, other=0.0)
+                den += tl.sum(p * z[None, :], axis=1)
             num = _dot(p, s, num, STATE_DOT, PRECISION, EMULATE)
-        o = num / tl.where(mask_n, den + eps, 1.0)[:, None]
+        o = num / tl.where(mask_n, den + eps, 1.0)[:, None] if NORMALIZE else num
         tl.store(
             o_base + rows[:, None] * stride_on + offs_e[None, :] * stride_od,
             o.to(OUT.dtype.element_ty),
@@ -265,9 +273,13 @@ def _query_grad_kernel(
     FEATURE_MAP: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_E: tl.constexpr,
     STATE_DOT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` (written by the ``e = 0`` programs) and partial ``A`` (BLOCK_DV columns), ``c``."""
+    """``dq`` (written by the ``e = 0`` programs) and partial ``A`` (BLOCK_DV columns), ``c``.
+
+    Without ``NORMALIZE`` (``den = 1``, ``g = 0``): ``dq = t * phi'(q)``, ``A = s * sum_i p_i^T dO_i``
+    and ``c = 0`` (written as zeros, so that the key-gradient kernel is the same for both forms).
+    """
     pid_e = tl.program_id(0)
     pid_bh = tl.program_id(2).to(tl.int64)
     q_base, stride_qn = _head(Q, pid_bh, H, stride_qb, stride_qh, stride_qn, ALIGN)
@@ -284,7 +296,8 @@ def _query_grad_kernel(
         mask=mask_d[:, None] & mask_e[None, :],
         other=0.0,
     )
-    z = tl.load(Z + pid_bh * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
+    if NORMALIZE:
+        z = tl.load(Z + pid_bh * HEAD_DIM + offs_d, mask=mask_d, other=0.0)
 
     acc_a = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
     acc_c = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -297,7 +310,8 @@ def _query_grad_kernel(
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
         q = q.to(tl.float32)
         p = tl.where(mask_q, _phi(q, FEATURE_MAP), 0.0)
-        inv_den = 1.0 / tl.where(mask_n, tl.sum(p * z[None, :], axis=1) + eps, 1.0)
+        if NORMALIZE:
+            inv_den = 1.0 / tl.where(mask_n, tl.sum(p * z[None, :], axis=1) + eps, 1.0)
         do_own = tl.load(
             do_base + rows[:, None] * stride_on + offs_e[None, :] * stride_od,
             mask=mask_n[:, None] & mask_e[None, :],
@@ -320,15 +334,21 @@ def _query_grad_kernel(
                 other=0.0,
             )
             t = _dot(do_j, tl.trans(s_j), t, STATE_DOT, PRECISION, EMULATE)
-        g = tl.sum(p * t, axis=1) * inv_den * inv_den
-        dq = (t * inv_den[:, None] - g[:, None] * z[None, :]) * _dphi(q, FEATURE_MAP)
+        if NORMALIZE:
+            g = tl.sum(p * t, axis=1) * inv_den * inv_den
+            dq = (t * inv_den[:, None] - g[:, None] * z[None, :]) * _dphi(q, FEATURE_MAP)
+        else:
+            dq = t * _dphi(q, FEATURE_MAP)
         tl.store(
             dq_base + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
             dq.to(DQ.dtype.element_ty),
             mask=mask_n[:, None] & (offs_d[None, :] < _first_only(HEAD_DIM, pid_e)),
         )
-        acc_a = _dot(tl.trans(p), do_own * inv_den[:, None], acc_a, STATE_DOT, PRECISION, EMULATE)
-        acc_c += tl.sum(p * g[:, None], axis=0)
+        if NORMALIZE:
+            acc_a = _dot(tl.trans(p), do_own * inv_den[:, None], acc_a, STATE_DOT, PRECISION, EMULATE)
+            acc_c += tl.sum(p * g[:, None], axis=0)
+        else:
+            acc_a = _dot(tl.trans(p), do_own, acc_a, STATE_DOT, PRECISION, EMULATE)
 
     slot = pid_bh * tl.num_programs(1) + tl.program_id(1)
     tl.store(
@@ -502,6 +522,7 @@ def linear_attention_forward(
     eps: float,
     layout: str,
     kv_scale: float | None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels; inputs as in ``linear_attention`` (validated by the caller).
 
@@ -533,7 +554,8 @@ def linear_attention_forward(
             q, state, norm, out,
             *_bhnd_strides(q, layout), *_bhnd_strides(out, layout),
             heads, p.n_q, float(eps), ot.tiles_per_split,
-            NUM_D=ot.num_d, STATE_DOT=ops.state, ALIGN=_align(q, out), **_meta(ot), **common,
+            NUM_D=ot.num_d, STATE_DOT=ops.state, ALIGN=_align(q, out), NORMALIZE=normalize,
+            **_meta(ot), **common,
         )  # fmt: skip
     return out, state, norm
 
@@ -549,12 +571,13 @@ def linear_attention_backward(
     eps: float,
     layout: str,
     kv_scale: float | None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels.
 
     Args:
         grad_out: ``dO``, shaped like the forward output (any strides).
-        q, k, v, feature_map, eps, layout, kv_scale: the forward's arguments.
+        q, k, v, feature_map, eps, layout, kv_scale, normalize: the forward's arguments.
         state, norm: ``S`` ``(B*H, D, D_v)`` and ``z`` ``(B*H, D)`` saved by the forward.
 
     Returns:
@@ -578,7 +601,7 @@ def linear_attention_backward(
             q, grad_out, state, norm, dq, ws_a, ws_c,
             *_bhnd_strides(q, layout), *_bhnd_strides(grad_out, layout), *_bhnd_strides(dq, layout),
             heads, p.n_q, float(eps), float(scale), qt.tiles_per_split,
-            NUM_E=qt.num_e, ALIGN=_align(q, grad_out, dq), **_meta(qt), **common,
+            NUM_E=qt.num_e, ALIGN=_align(q, grad_out, dq), NORMALIZE=normalize, **_meta(qt), **common,
         )  # fmt: skip
         grad_state, grad_norm = _reduce(ws_a), _reduce(ws_c)
         kt = plan.key

@@ -13,12 +13,15 @@ SANA-Video rotates the ReLU features by a 3D RoPE ``R`` in the numerator only,
 
     o_i = (R_i relu(q_i)) S_R / (relu(q_i) . z + eps),   S_R = sum_j (R_j relu(k_j))^T v_j,
 
-with ``z = sum_j relu(k_j)`` as above (:meth:`SanaLinearAttention.rotary`). The fused Triton
-kernel computes its normaliser from the features of its numerator, so this form runs the
-operator's two-pass form instead (:func:`linear_attention_state`, then
-:func:`linear_attention_from_state`: PyTorch matmuls on every device) on concatenated features:
-queries ``[R relu(q) | relu(q)]`` against the float32 state ``[[S_R, 0], [0, z]]`` give exactly
-that numerator over that normaliser.
+with ``z = sum_j relu(k_j)`` as above (:meth:`SanaLinearAttention.rotary`). The numerator is
+the operator without its normaliser, ``linear_attention(R relu(q), R relu(k), v,
+feature_map="identity", normalize=False)``: the O(N D D_v) work, on the fused kernel for CUDA
+tensors (the reference elsewhere). The normaliser ``relu(q_i) . z + eps`` is a ``(B, N, H)``
+reduction in float32, and the division is one elementwise pass. Both are taken with
+``kv_scale = 1/N`` (the numerator and ``z`` over ``N``, ``eps`` over ``N``): the same quotient,
+and a numerator that stays in float16's range. Under context parallelism the numerator's state
+``S_R`` and ``z`` are summed over the processes first (:func:`linear_attention_state`, then
+:func:`linear_attention_from_state` with ``normalize=False``), and the same division follows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lindiff.kernels.linear_attention import linear_attention_from_state, linear_attention_state
+from lindiff.kernels.linear_attention import (
+    linear_attention,
+    linear_attention_from_state,
+    linear_attention_state,
+)
 
 from ..parallel import all_reduce_sum, linear_attention_sharded
 from .base import ADDED_MODULE, AttentionMethod, LayerInfo, TokenMixer, Tokens
@@ -80,16 +87,26 @@ class SanaLinearAttention(TokenMixer):
         features in the numerator only (see the module docstring). ``(B, N, H, D)`` in and out
         (``v``: ``D_v``); under context parallelism the state is summed over the processes."""
         phi_q, phi_k = F.relu(q), F.relu(k)
-        batch, _, heads, dim = q.shape
-        dim_v = v.shape[-1]
-        numerator = linear_attention_state(rotate(phi_k), v, feature_map="identity")
-        state = numerator.new_zeros(batch, heads, 2 * dim, dim_v + 1)
-        state[:, :, :dim, :dim_v] = numerator[..., :dim_v]
-        state[:, :, dim:, dim_v] = phi_k.sum(dim=1, dtype=state.dtype)
-        if tokens.shard is not None:
-            state = all_reduce_sum(state, tokens.shard)
-        features = torch.cat([rotate(phi_q), phi_q], dim=-1)
-        return linear_attention_from_state(features, state, feature_map="identity", eps=self.eps)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        z = phi_k.sum(dim=1, dtype=acc)  # (B, H, D)
+        if tokens.shard is None:
+            count = k.shape[1]
+            numerator = linear_attention(
+                rotate(phi_q), rotate(phi_k), v, feature_map="identity", kv_scale="mean", normalize=False
+            )
+        else:
+            state = linear_attention_state(rotate(phi_k), v, feature_map="identity")
+            local = torch.cat([state.flatten(), z.flatten(), state.new_full((1,), k.shape[1])])
+            summed = all_reduce_sum(local, tokens.shard)
+            count = summed[-1]
+            state = summed[: state.numel()].view(state.shape) / count
+            z = summed[state.numel() : -1].view(z.shape)
+            numerator = linear_attention_from_state(
+                rotate(phi_q), state, feature_map="identity", normalize=False
+            )
+        # relu(q_i) . z / N + eps / N: (B, N, H), float32 (float64 for float64 inputs).
+        denominator = torch.einsum("bnhd,bhd->bnh", phi_q.to(acc), z / count).add(self.eps / count)
+        return (numerator / denominator.unsqueeze(-1)).to(q.dtype)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -97,7 +114,7 @@ class SanaLinearAttention(TokenMixer):
 
 class Sana(AttentionMethod):
     """The ``"sana"`` method: SANA's own linear self-attention on lindiff's linear-attention
-    operator (SANA and SANA-Video models only; SANA on the fused kernel)."""
+    operator (SANA and SANA-Video models only; both on the fused kernel)."""
 
     name = "sana"
     options_cls = SanaOptions
