@@ -290,9 +290,8 @@ def input_panel(model: DemoModel) -> InputPanel:
     frames = None
     if model.frames is not None:
         step = model.frame_multiple
-        frames = gr.Number(
-            model.frames, label=f"Frames ({step}k + 1)", precision=0, minimum=1, maximum=MAX_FRAMES, step=step
-        )
+        label = f"Frames ({step}k + 1)" if step > 1 else "Frames"  # step 1: any count (AnimateDiff)
+        frames = gr.Number(model.frames, label=label, precision=0, minimum=1, maximum=MAX_FRAMES, step=step)
     control = controlnet_inputs(model)
     lora = lora_inputs(model)
     with gr.Row():

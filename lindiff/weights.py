@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import weights_family
 from .attention.base import ADDED_MODULE
 from .clear_format import is_clear_file, read_clear_file
 from .denoisers import denoisers
@@ -52,7 +53,8 @@ class Checkpoint:
     Attributes:
         method: the attention method they belong to.
         options: that method's options.
-        components: role -> model family (``{"unet": "unet", "controlnet": "unet"}``).
+        components: role -> model family (``{"unet": "unet", "controlnet": "unet"}``); weights
+            load into a model of a family with the same ``weights_family`` (AnimateDiff and UNet).
         tensors: ``{role}.{module path}.{param}`` -> tensor.
         source: where they were read from, for messages.
         missing_options: options the weights depend on but their source does not record (a
@@ -322,7 +324,7 @@ def apply_checkpoint(targets: list[tuple[str, nn.Module]], checkpoint: Checkpoin
                 f"{role}: linearized with {state.method.name!r}, weights are for {checkpoint.method!r}"
             )
             continue
-        if checkpoint.components[component] != state.adapter.name:
+        if weights_family(checkpoint.components[component]) != weights_family(state.adapter.name):
             problems.append(
                 f"{role}: model family {state.adapter.name!r}, weights are for {checkpoint.components[component]!r}"
             )

@@ -19,7 +19,8 @@ Video pipelines (a family whose adapter gives frames, see
 all ``num_frames`` frames at the native area, and every later stage upscales each frame and
 re-denoises the whole video through the family's video-to-video pipeline
 (:meth:`~lindiff.adapters.ModelAdapter.video_to_video`: ``WanVideoToVideoPipeline``,
-``CogVideoXVideoToVideoPipeline``) at the stage's strength. Families without one are refused.
+``CogVideoXVideoToVideoPipeline``, ``AnimateDiffVideoToVideoPipeline``) at the stage's strength.
+Families without one are refused.
 
 Memory: the VAE encodes and decodes in tiles (``vae.enable_tiling()``; every supported family's
 VAE has it), the denoiser (and ControlNet) can run the two halves of the classifier-free-guidance

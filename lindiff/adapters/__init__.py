@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import Registry
+from .animatediff import AnimateDiffAdapter
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
@@ -36,11 +37,20 @@ FAMILIES.register(CogVideoXAdapter.name, CogVideoXAdapter)
 FAMILIES.register(LTXAdapter.name, LTXAdapter)
 FAMILIES.register(HunyuanVideoAdapter.name, HunyuanVideoAdapter)
 FAMILIES.register(SanaVideoAdapter.name, SanaVideoAdapter)
+FAMILIES.register(AnimateDiffAdapter.name, AnimateDiffAdapter)
 
 
 def families() -> list[str]:
     """Names of the supported model families, sorted."""
     return FAMILIES.names()
+
+
+def weights_family(family: str) -> str:
+    """The family whose layer layout the weights of ``family`` follow: its adapter's
+    ``weights_family``, else ``family`` itself (also for a name no adapter registers)."""
+    if family not in FAMILIES:
+        return family
+    return FAMILIES.get(family).weights_family or family
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -58,4 +68,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "families"]
+__all__ = ["FAMILIES", "ModelAdapter", "adapter_for", "families", "weights_family"]

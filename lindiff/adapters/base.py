@@ -50,6 +50,10 @@ class ModelAdapter:
     """What the family's diffusers pipelines require of every height and width (px)."""
     frame_rate: ClassVar[int] = 16
     """Frames per second a video of the family is written at unless told otherwise (video families)."""
+    weights_family: ClassVar[str | None] = None
+    """The family whose converted layers this family's are, by module path and shape, so weights
+    saved from either load into the other (AnimateDiff: ``"unet"``, the image UNet it is built
+    from); ``None``: its own. See :func:`lindiff.adapters.weights_family`."""
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
