@@ -15,10 +15,18 @@ Times are medians of ``--repeats`` forward calls (CUDA events on GPU), after war
 compilation. Ratios are baseline / local. The block counts of the tiled and the row-major
 masks are recorded too (geometry only, so ``--quick`` reports them for the GPU grids as well).
 
+``--density`` times nothing: it counts the non-empty FlexAttention blocks of ``clear``'s window
+(radius 8, strict) on Wan's 480p x 81-frame latent grid ``(21, 30, 52)`` for several temporal
+extents, and on FLUX's 1024 and 2048 px image grids, with the tile ``choose_tile`` picks and with
+blocks of 128 consecutive row-major tokens (what ``create_block_mask`` on the untiled sequence
+gives). Geometry only, exact, a few seconds on a CPU.
+
     python bench/local_attention.py            # CUDA: grids 64..512, radius 8/16/32, 0/512 global
     python bench/local_attention.py --quick    # CPU smoke test (1 thread), < 2 min
+    python bench/local_attention.py --density  # block density of clear's window (no device work)
 
-Results go to ``bench/results/local_attention-<device>[-quick].json``.
+Results go to ``bench/results/local_attention-<device>[-quick].json`` and
+``bench/results/local_attention-block-density.json``.
 """
 
 from __future__ import annotations
@@ -34,14 +42,35 @@ import torch.nn.functional as F
 from common import device_label, median_ms, save_results  # bench/ is on sys.path when run as a script
 
 import lindiff
+from lindiff.attention.clear import ClearAttention, closed_radius
 from lindiff.kernels.local_attention import local_attention
 from lindiff.kernels.local_attention.flex import compiled_flex_attention, get_plan
-from lindiff.kernels.local_attention.reference import radius_threshold
-from lindiff.kernels.local_attention.tiling import BLOCK_SIZE, choose_tile, count_blocks
+from lindiff.kernels.local_attention.reference import (
+    Grid3,
+    Window,
+    as_grid3,
+    window_geometry,
+)
+from lindiff.kernels.local_attention.tiling import (
+    BLOCK_SIZE,
+    TileLayout,
+    block_structure,
+    choose_tile,
+    count_blocks,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FULL = {"grids": [64, 128, 256, 512], "radii": [8, 16, 32], "globals": [0, 512], "heads": 24, "dim": 128}
 QUICK = {"grids": [16, 32, 64, 96], "radii": [4, 8], "globals": [0, 16], "heads": 4, "dim": 64}
+# --density: clear's radius (strict) on Wan2.1's 480p x 81-frame latent grid (21 frames of 30 x 52
+# tokens) with these temporal extents (None: every frame; "ball": one radius over frames, rows
+# and columns, what clear did on video before frames_radius), and on FLUX's 1024 / 2048 px grids.
+DENSITY = {
+    "radius": 8,
+    "video_grid": (21, 30, 52),
+    "frames_radii": [None, 4, 2, 0, "ball"],
+    "image_grids": [(64, 64), (128, 128)],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,15 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads (default: torch's, 1 for --quick on CPU: steadier on a shared machine)",
     )
+    parser.add_argument(
+        "--density",
+        action="store_true",
+        help="only count the block density of clear's window on a video and image grids (no timing)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     return parser
 
 
-def naive_flex(q, k, v, side: int, r2: int, global_kv):
+def naive_flex(q, k, v, side: int, window: Window, global_kv):
     """Compiled FlexAttention with the obvious row-major window ``mask_mod`` and ``create_block_mask``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    tokens = side * side
+    tokens, r2 = side * side, window.r2
     num_global = 0
     if global_kv is not None:
         num_global = global_kv[0].shape[1]
@@ -102,11 +136,11 @@ def naive_flex(q, k, v, side: int, r2: int, global_kv):
     return lambda: flex(qh, kh, vh, block_mask=block_mask)
 
 
-def block_stats(side: int, r2: int) -> dict:
+def block_stats(side: int, window: Window) -> dict:
     """Non-empty (query block, key block) pairs of the tiled and of the row-major block mask."""
     grid = (1, side, side)
-    tile = choose_tile(grid, r2)
-    partial, full = count_blocks(grid, tile, r2)
+    tile = choose_tile(grid, window)
+    partial, full = count_blocks(grid, tile, window)
     blocks = math.ceil(side * side / BLOCK_SIZE) ** 2
     # A row-major block is BLOCK_SIZE // side whole rows, or a 1 / (side // BLOCK_SIZE) of a row.
     rows = None
@@ -114,7 +148,7 @@ def block_stats(side: int, r2: int) -> dict:
         rows = (1, BLOCK_SIZE // side, side)
     elif side % BLOCK_SIZE == 0:
         rows = (1, 1, BLOCK_SIZE)
-    row_major = None if rows is None else sum(count_blocks(grid, rows, r2))
+    row_major = None if rows is None else sum(count_blocks(grid, rows, window))
     return {
         "tile": list(tile[1:]),
         "partial_blocks": partial,
@@ -131,11 +165,115 @@ def geometry(grids: list[int], radii: list[float]) -> list[dict]:
         {
             "grid": [side, side],
             "radius": radius,
-            **block_stats(side, radius_threshold(radius, (1, side, side))),
+            **block_stats(side, window_geometry(radius, None, (1, side, side))),
         }
         for side in grids
         for radius in radii
     ]
+
+
+def _row_segments(grid: Grid3, block: int) -> torch.Tensor:
+    """``(S, 5)`` int64 ``(block, t, h, w_first, w_last)``: the pieces of grid rows each run of
+    ``block`` consecutive row-major tokens is made of."""
+    width = grid[2]
+    rows = math.prod(grid) // width
+    cuts = torch.arange(0, rows * width + 1, width)  # row starts, and the end
+    cuts = torch.unique(torch.cat([cuts, torch.arange(0, rows * width, block)]))
+    first, stop = cuts[:-1], cuts[1:]
+    row = first // width
+    return torch.stack(
+        [first // block, row // grid[1], row % grid[1], first % width, (stop - 1) % width], dim=-1
+    )
+
+
+def row_major_blocks(grid: Grid3, window: Window, block: int = BLOCK_SIZE) -> dict:
+    """Exact block counts of the window with blocks of ``block`` consecutive row-major tokens.
+
+    A block is a few pieces of grid rows. Two pieces ``(t, h, [a, b])`` and ``(t', h', [c, d])``
+    have a pair inside the window iff ``(t - t', h - h', gap)`` is, with ``gap`` the columns
+    between the two intervals, and only such pairs iff ``(t - t', h - h', span)`` is, with ``span``
+    the farthest columns apart. A pair of blocks is non-empty when a pair of their pieces is, and
+    full when all are and the key block is whole (the last block of a grid that is no multiple of
+    ``block`` is padded, so never full).
+    """
+    tokens = math.prod(grid)
+    blocks = -(-tokens // block)
+    pieces = _row_segments(grid, block)
+    q, k = pieces[:, None, :], pieces[None, :, :]
+    dt, dh = q[..., 1] - k[..., 1], q[..., 2] - k[..., 2]
+    gap = (torch.maximum(k[..., 3] - q[..., 4], q[..., 3] - k[..., 4])).clamp(min=0)
+    span = torch.maximum(q[..., 4] - k[..., 3], k[..., 4] - q[..., 3])
+    pair = (q[..., 0] * blocks + k[..., 0]).flatten()
+    any_inside = torch.zeros(blocks * blocks, dtype=torch.int64).index_add_(
+        0, pair, window.inside(dt, dh, gap).flatten().long()
+    )
+    outside = torch.zeros(blocks * blocks, dtype=torch.int64).index_add_(
+        0, pair, (~window.inside(dt, dh, span)).flatten().long()
+    )
+    whole = torch.ones(blocks, blocks, dtype=torch.bool)
+    whole[:, -1] = tokens % block == 0
+    is_full = (outside.view(blocks, blocks) == 0) & whole
+    nonempty = any_inside.view(blocks, blocks) > 0
+    return {"blocks": blocks, "partial": int((nonempty & ~is_full).sum()), "full": int(is_full.sum())}
+
+
+def clear_window(grid: Grid3, radius: float, frames_radius: float | None) -> Window:
+    """The window ``clear`` runs with ``ClearOptions(radius=..., frames_radius=...)`` on ``grid``."""
+    mixer = ClearAttention(radius, None, frames_radius=frames_radius)
+    return window_geometry(grid3=grid, **mixer.window())
+
+
+def window_pairs(grid: Grid3, window: Window) -> int:
+    """Query-key pairs of the grid inside the window: per offset ``(dt, dh, dw)`` inside it,
+    ``(T - |dt|)(H - |dh|)(W - |dw|)`` pairs."""
+    axes = [torch.arange(-min(r, g - 1), min(r, g - 1) + 1) for r, g in zip(window.reach, grid, strict=True)]
+    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    counts = (torch.tensor(grid) - offsets.abs()).prod(-1)
+    return int(counts[window.inside(*offsets.unbind(-1))].sum())
+
+
+def density_record(grid: tuple[int, ...], radius: float, frames_radius: float | str | None) -> dict:
+    """Non-empty FlexAttention blocks of ``clear``'s window (strict ``radius``; ``frames_radius``
+    as ``ClearOptions`` takes it, or ``"ball"``) with ``choose_tile``'s tiles and with row-major
+    blocks. ``density``: non-empty / all blocks of that blocking; ``computed``: the share of the
+    ``N x N`` scores the non-empty blocks hold (comparable across blockings, padding included)."""
+    grid3 = as_grid3(grid)
+    if frames_radius == "ball":
+        window = window_geometry(closed_radius(radius), None, grid3)
+    else:
+        window = clear_window(grid3, radius, frames_radius)
+    tokens = math.prod(grid3)
+    tile = choose_tile(grid3, window)
+    layout = TileLayout(grid3, tile)
+    num, _, full_num, _ = block_structure(layout, window)
+    tiled = {"tile": list(tile), "blocks": layout.num_blocks, "partial": int(num.sum())}
+    tiled["full"] = int(full_num.sum())
+    rows = row_major_blocks(grid3, window)
+    for counts in (tiled, rows):
+        nonempty = counts["partial"] + counts["full"]
+        counts["density"] = nonempty / counts["blocks"] ** 2
+        counts["computed"] = nonempty * BLOCK_SIZE**2 / tokens**2
+    return {
+        "grid": list(grid),
+        "tokens": tokens,
+        "radius": radius,
+        "frames_radius": "every frame" if frames_radius is None and grid3[0] > 1 else frames_radius,
+        "window": {"r2": window.r2, "frames": window.frames},
+        "window_fraction": window_pairs(grid3, window) / tokens**2,
+        "tiled": tiled,
+        "row_major": rows,
+    }
+
+
+def block_density() -> list[dict]:
+    """``density_record`` for the video grid at every temporal extent of ``DENSITY`` and the image grids."""
+    radius = DENSITY["radius"]
+    records = [density_record(DENSITY["video_grid"], radius, f) for f in DENSITY["frames_radii"]]
+    records += [density_record(grid, radius, None) for grid in DENSITY["image_grids"]]
+    print(DENSITY_HEADER, flush=True)
+    for record in records:
+        print(format_density(record), flush=True)
+    return records
 
 
 def sdpa_baseline(q, k, v, global_kv, device, repeats, cap, measured) -> tuple[float | None, bool]:
@@ -223,7 +361,7 @@ def bench_local(args: argparse.Namespace | dict) -> list[dict]:
             for radius in radii:
                 if cuda:
                     torch._dynamo.reset()
-                r2 = radius_threshold(radius, (1, side, side))
+                window = window_geometry(radius, None, (1, side, side))
                 call = functools.partial(
                     local_attention, q, k, v, grid=(side, side), radius=radius, global_kv=global_kv
                 )
@@ -235,7 +373,7 @@ def bench_local(args: argparse.Namespace | dict) -> list[dict]:
                     "shape_bnhd": list(shape),
                     "dtype": str(dtype).removeprefix("torch."),
                     "backend": "flex" if cuda else "chunked",
-                    **block_stats(side, r2),
+                    **block_stats(side, window),
                     "local_ms": median_ms(call, device, repeats),
                     "local_kernel_ms": None,
                     "sdpa_ms": sdpa_ms,
@@ -244,11 +382,11 @@ def bench_local(args: argparse.Namespace | dict) -> list[dict]:
                 }
                 if cuda:
                     record["local_kernel_ms"] = median_ms(
-                        kernel_only(q, k, v, side, r2, global_kv), device, repeats
+                        kernel_only(q, k, v, side, window, global_kv), device, repeats
                     )
                     if settings["naive"]:
                         record["naive_flex_ms"] = median_ms(
-                            naive_flex(q, k, v, side, r2, global_kv), device, repeats
+                            naive_flex(q, k, v, side, window, global_kv), device, repeats
                         )
                 local_ms = record["local_ms"]
                 record["speedup_vs_sdpa"] = None if sdpa_ms is None else sdpa_ms / local_ms
@@ -261,11 +399,11 @@ def bench_local(args: argparse.Namespace | dict) -> list[dict]:
     return records
 
 
-def kernel_only(q, k, v, side: int, r2: int, global_kv):
+def kernel_only(q, k, v, side: int, window: Window, global_kv):
     """FlexAttention on tensors already in tile order (what the reorder costs is the difference)."""
     grid = (1, side, side)
     num_global = 0 if global_kv is None else global_kv[0].shape[1]
-    plan = get_plan(grid, r2, choose_tile(grid, r2), num_global, q.device)
+    plan = get_plan(grid, window, choose_tile(grid, window), num_global, q.device)
     pad = plan.global_padded - num_global
 
     def tiled(x, extra):
@@ -309,6 +447,28 @@ def format_row(record: dict) -> str:
     return " ".join(f"{text(record):>{width}}" for _, width, text in COLUMNS)
 
 
+# (title, width, record -> text) of the --density table.
+DENSITY_COLUMNS = [
+    ("grid", 10, lambda r: "x".join(map(str, r["grid"]))),
+    ("frames", 11, lambda r: str(r["frames_radius"])),
+    ("window", 7, lambda r: f"{r['window_fraction']:.4f}"),
+    ("tile", 7, lambda r: "x".join(map(str, r["tiled"]["tile"]))),
+    ("blocks", 6, lambda r: str(r["tiled"]["blocks"])),
+    ("partial", 7, lambda r: str(r["tiled"]["partial"])),
+    ("full", 6, lambda r: str(r["tiled"]["full"])),
+    ("density", 7, lambda r: f"{r['tiled']['density']:.4f}"),
+    ("computed", 8, lambda r: f"{r['tiled']['computed']:.4f}"),
+    ("rm blocks", 9, lambda r: str(r["row_major"]["blocks"])),
+    ("rm density", 10, lambda r: f"{r['row_major']['density']:.4f}"),
+    ("rm computed", 11, lambda r: f"{r['row_major']['computed']:.4f}"),
+]
+DENSITY_HEADER = " ".join(f"{title:>{width}}" for title, width, _ in DENSITY_COLUMNS)
+
+
+def format_density(record: dict) -> str:
+    return " ".join(f"{text(record):>{width}}" for _, width, text in DENSITY_COLUMNS)
+
+
 def versions() -> dict:
     triton = None
     try:
@@ -328,6 +488,16 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.density:
+        result = {
+            "benchmark": "local_attention_block_density",
+            "versions": versions(),
+            "settings": {**DENSITY, "block_size": BLOCK_SIZE},
+            "records": block_density(),
+        }
+        path = save_results(result, args.out or "local_attention-block-density.json")
+        print(f"wrote {path}")
+        return result
     if args.threads or (args.quick and not torch.cuda.is_available()):
         torch.set_num_threads(args.threads or 1)
     settings = resolve_settings(args)

@@ -10,7 +10,8 @@ frames make ``k + 1`` latent frames (4x temporal VAE): 17, 33 and 81 frames are 
 
 For every frame count the variants run in the same process on the same model, converted with
 ``lindiff.linearize`` and put back with ``lindiff.restore``: softmax (diffusers' SDPA), CLEAR
-(one spherical window over (frames, rows, columns), ``--clear-radius`` tokens, default 8), LiT
+(a disc of ``--clear-radius`` tokens, default 8, in each of the frames within
+``--clear-frames-radius`` latent frames, default every frame), LiT
 (2 heads, 5x5 depthwise convolution per frame) and LinFusion (as released: q/k MLPs as wide as the
 layer). Each variant runs one warm-up step (its peak memory), then the timed steps go round-robin
 over the variants so that other load on a shared machine hits all alike. A variant whose step
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from common import device_label, save_results, time_call  # bench/ is on sys.path when run as a script
 from diffusers import WanTransformer3DModel
+from local_attention import clear_window, window_pairs
 from torch import nn
 
 import lindiff
@@ -66,10 +68,10 @@ VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 TEXT_TOKENS = 512
 
 
-def variants(radius: float) -> dict[str, dict[str, Any]]:
+def variants(radius: float, frames_radius: float | None) -> dict[str, dict[str, Any]]:
     """Converted variants, each timed against softmax in the same run."""
     return {
-        "clear": {"method": "clear", "radius": radius},
+        "clear": {"method": "clear", "radius": radius, "frames_radius": frames_radius},
         "lit": {"method": "lit", "heads": 2, "kernel_size": 5},
         "linfusion": {"method": "linfusion"},
     }
@@ -85,20 +87,10 @@ def token_grid(frames: int) -> tuple[int, int, int]:
     return latent_frames, height // 2, width // 2
 
 
-def window_fraction(grid: tuple[int, int, int], radius: float) -> float:
-    """Mean share of the video keys a query sees in a spherical window of ``radius`` tokens (the
-    grid's border clips it): the query-key pairs within the radius over ``N^2``."""
-    reach = [min(int(radius), side - 1) for side in grid]
-    pairs = 0
-    for dt in range(-reach[0], reach[0] + 1):
-        for dh in range(-reach[1], reach[1] + 1):
-            left = radius * radius - dt * dt - dh * dh
-            if left < 0:
-                continue
-            dw_max = min(math.isqrt(int(left)), grid[2] - 1)
-            rows = (grid[0] - abs(dt)) * (grid[1] - abs(dh))
-            pairs += rows * sum(grid[2] - abs(dw) for dw in range(-dw_max, dw_max + 1))
-    return pairs / math.prod(grid) ** 2
+def window_fraction(grid: tuple[int, int, int], radius: float, frames_radius: float | None) -> float:
+    """Mean share of the video keys a query sees in CLEAR's window (the grid's border clips it):
+    the query-key pairs inside it over ``N^2``."""
+    return window_pairs(grid, clear_window(grid, radius, frames_radius)) / math.prod(grid) ** 2
 
 
 def step_inputs(frames: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -196,7 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--clear-radius",
         type=float,
         default=8.0,
-        help="CLEAR's window radius in tokens, one radius over frames, rows and columns (default 8)",
+        help="CLEAR's window radius in tokens, within a frame (default 8)",
+    )
+    parser.add_argument(
+        "--clear-frames-radius",
+        type=float,
+        default=None,
+        help="latent frames CLEAR's window reaches each way (default: every frame)",
     )
     parser.add_argument(
         "--max-step-s",
@@ -227,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --blocks must be at least 1")
     if args.clear_radius <= 0 or args.max_step_s <= 0:
         parser.error("--clear-radius and --max-step-s must be positive")
+    if args.clear_frames_radius is not None and args.clear_frames_radius < 0:
+        parser.error("--clear-frames-radius must be at least 0")
     return args
 
 
@@ -243,13 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
             tensor.data = tensor.data.to(dtype)
     params = sum(p.numel() for p in model.parameters())
     memory = PeakMemory(device)
-    converted_variants = variants(args.clear_radius)
+    converted_variants = variants(args.clear_radius, args.clear_frames_radius)
     options: dict[str, dict[str, Any] | None] = {"softmax": None, **converted_variants}
+    frames_text = "all" if args.clear_frames_radius is None else f"{args.clear_frames_radius:g}"
     result = {
         "benchmark": "video_step",
         "description": f"one Wan2.1-T2V-1.3B-architecture transformer step with random weights and {args.blocks} "
         f"blocks at 480p ({WIDTH} x {HEIGHT} px), batch 1, {TEXT_TOKENS} text tokens: SDPA (softmax) vs CLEAR "
-        f"(one spherical window of radius {args.clear_radius:g} tokens over frames, rows and columns) vs LiT "
+        f"(a disc of radius {args.clear_radius:g} tokens in each frame within {frames_text} latent frames) vs LiT "
         "(2 heads, 5x5 depthwise conv per frame) vs LinFusion (as released); timed steps interleaved; ratios "
         "are variant / softmax; a variant predicted or measured above max_step_s is not run (null)",
         "environment": environment(),
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
             "latent": list(latent_shape(frames)),
             "token_grid": list(grid),
             "video_tokens": tokens,
-            "clear_window_fraction": window_fraction(grid, args.clear_radius),
+            "clear_window_fraction": window_fraction(grid, args.clear_radius, args.clear_frames_radius),
             **measured,
         }
         base = measured["softmax"]

@@ -6,6 +6,7 @@ hand-made token grid; model tests convert the tiny FLUX, SD3, PixArt transformer
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,8 @@ import tiny_dit_models as tiny
 import tiny_models
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lindiff
 from lindiff.attention import LayerInfo, create_method
@@ -51,13 +54,18 @@ def masked_softmax(q, k, v, mask):
     return torch.einsum("bhnm,bmhe->bnhe", weights, v)
 
 
-def clear_reference(q, k, v, tokens, radius, pooled=None):
-    """CLEAR with an explicit mask: image queries see their strict window ``d < radius`` (a radius
-    that is a grid distance up to float rounding, like ``math.sqrt(2)``, counts as that distance),
-    the text and the pooled tokens ``(k_p, v_p)``; text queries see every (unpooled) token."""
+def clear_reference(q, k, v, tokens, radius, pooled=None, frames_radius=None):
+    """CLEAR with an explicit mask: image queries see their strict window ``d < radius`` within a
+    frame (a radius that is a grid distance up to float rounding, like ``math.sqrt(2)``, counts as
+    that distance) in the frames within ``frames_radius`` (inclusive; ``None``: every frame), the
+    text and the pooled tokens ``(k_p, v_p)``; text queries see every (unpooled) token."""
     n, image = q.shape[1], tokens.image
+    frames, height, width = tokens.grid
     mask = torch.ones(n, n, dtype=torch.bool)
-    mask[image, image] = grid_squared_distances(tokens.grid) < round(radius * radius, 9)
+    in_frame = grid_squared_distances((1, height, width)) < round(radius * radius, 9)
+    frame = torch.arange(frames)
+    near = (frame[:, None] - frame[None]).abs() <= (math.inf if frames_radius is None else frames_radius)
+    mask[image, image] = torch.kron(near.long(), in_frame.long()).bool()
     if pooled is not None:
         extra = torch.zeros(n, pooled[0].shape[1], dtype=torch.bool)
         extra[image] = True
@@ -97,6 +105,23 @@ def test_clear_window_equals_masked_softmax(grid, radius, before, after):
     q, k, v = qkv(n)
     out = ClearAttention(radius, None)(q, k, v, tokens)
     torch.testing.assert_close(out, clear_reference(q, k, v, tokens, radius), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("frames_radius", [None, 0, 1, 1.5, 2, math.inf])
+@pytest.mark.parametrize("radius", [1, math.sqrt(2), 2.5])
+def test_clear_video_window_is_a_cylinder(frames_radius, radius):
+    """On video the window is CLEAR's strict disc in each frame within ``frames_radius`` frames
+    (inclusive; ``None``: every frame), with text and pooled tokens global."""
+    grid = (4, 3, 4)
+    tokens, n = make_tokens(grid, 2, 3)
+    q, k, v = qkv(n)
+    mixer = ClearAttention(radius, 2, frames_radius=frames_radius).double()
+    image = tokens.image
+    pooled = tuple(pool_tokens(x[:, image], grid, mixer.spatial_weight) for x in (k, v))
+    expected = clear_reference(q, k, v, tokens, radius, pooled, frames_radius)
+    torch.testing.assert_close(mixer(q, k, v, tokens), expected, rtol=1e-10, atol=1e-12)
+    if frames_radius is not None and frames_radius < grid[0] - 1:  # fewer frames than the clip
+        assert not torch.allclose(expected, clear_reference(q, k, v, tokens, radius, pooled))
 
 
 @pytest.mark.parametrize("grid, factor", [((1, 6, 8), 2), ((1, 5, 7), 2), ((2, 4, 7), 3)])
@@ -236,8 +261,16 @@ def test_half_precision_runs_close_to_float32(dtype):
         ("clear", {"train_tokens": 4608.0}, r"train_tokens must be None .*got 4608.0"),
         (
             "clear",
+            {"frames_radius": -1},
+            r"frames_radius must be None \(every frame\) or a number >= 0.*got -1",
+        ),
+        ("clear", {"frames_radius": math.nan}, r"frames_radius must be None .*got nan"),
+        ("clear", {"frames_radius": "2"}, r"frames_radius must be None .*got '2'"),
+        ("clear", {"frames_radius": False}, r"frames_radius must be None .*got False"),
+        (
+            "clear",
             {"window": 3},
-            r"unknown option\(s\) \['window'\].*allowed: \['down_factor', 'radius', 'train_tokens'\]",
+            r"unknown option\(s\) \['window'\].*allowed: \['down_factor', 'frames_radius', 'radius', 'train_tokens'\]",
         ),
         ("lit", {"heads": 0}, r"heads must be an integer >= 1, got 0"),
         ("lit", {"kernel_size": 4}, r"kernel_size must be an odd integer >= 1 \(1, 3, 5, ...\), got 4"),
@@ -336,9 +369,38 @@ def test_save_and_load_learned_pooling_kernels(tmp_path):
     lindiff.save_weights(model, tmp_path)
 
     fresh = lindiff.linearize(tiny.sd3_transformer(), method="clear", weights=tmp_path)
-    assert get_state(fresh).method.options_dict() == {"radius": 2, "down_factor": 2, "train_tokens": None}
+    assert get_state(fresh).method.options_dict() == {
+        "radius": 2,
+        "down_factor": 2,
+        "train_tokens": None,
+        "frames_radius": None,
+    }
     for name, attn in get_state(fresh).layers.items():
         torch.testing.assert_close(
             attn.lindiff.spatial_weight, get_state(model).layers[name].lindiff.spatial_weight, rtol=0, atol=0
         )
     assert torch.equal(outputs(fresh, inputs), trained)
+
+
+def test_frames_radius_is_saved_and_older_files_load_without_it(tmp_path):
+    """``frames_radius`` is recorded with the other options (config, model card); files written
+    before it existed load with its default (every frame)."""
+    model = lindiff.linearize(tiny.sd3_transformer(), method="clear", radius=2, frames_radius=3)
+    weights = lindiff.save_weights(model, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "lindiff.json").read_text())["options"]["frames_radius"] == 3
+    assert "| frames_radius | 3 |" in (tmp_path / "new" / "README.md").read_text()
+    fresh = lindiff.linearize(tiny.sd3_transformer(), method="clear", weights=tmp_path / "new")
+    assert get_state(fresh).method.options.frames_radius == 3
+
+    with safe_open(str(weights), framework="pt") as f:
+        config = json.loads(f.metadata()["lindiff_config"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    del config["options"]["frames_radius"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"lindiff_config": json.dumps(config)})
+    old = lindiff.linearize(tiny.sd3_transformer(), method="clear", weights=tmp_path / "old.safetensors")
+    assert get_state(old).method.options_dict() == {
+        "radius": 2,
+        "down_factor": None,
+        "train_tokens": None,
+        "frames_radius": None,
+    }

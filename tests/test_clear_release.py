@@ -166,6 +166,7 @@ def test_released_checkpoint_computes_clear(tmp_path, name, radius, factor, trai
         "radius": radius,
         "down_factor": factor,
         "train_tokens": train_tokens,
+        "frames_radius": None,
     }
     reference = reference_model(original, tensors, radius, train_tokens)
     differences = {}

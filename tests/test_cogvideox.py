@@ -73,15 +73,20 @@ def test_processor_reproduces_diffusers_on_two_grids_in_turn(variant):
 
 @pytest.mark.parametrize("variant", ["5b", "1.5"])
 def test_clear_with_a_window_over_the_whole_video_is_softmax(variant):
-    """``clear`` (text global, spherical (T, H, W) window, strict ``d < radius``): a radius beyond
-    the grid's diagonal is full attention, the original model; a radius of 1 is not."""
+    """``clear``'s window on video is a cylinder: strict (``d < radius``) in each frame, over every
+    frame by default. A radius beyond a frame's diagonal is full attention (text global), the
+    original model; the query's frame alone (``frames_radius=0``) or a small radius is not."""
     model = tiny.cogvideox_transformer(**VARIANTS[variant])
     inputs = tiny.cogvideox_inputs(model, *LATENTS[variant][0])
     reference = tiny.output(model, inputs)
-    frames, height, width = GRIDS[variant][0]
-    diagonal = math.dist((0, 0, 0), (frames - 1, height - 1, width - 1))
+    _, height, width = GRIDS[variant][0]
+    diagonal = math.dist((0, 0), (height - 1, width - 1))  # of a frame
     lindiff.linearize(model, "clear", radius=diagonal + 0.01)
     torch.testing.assert_close(tiny.output(model, inputs), reference, rtol=0, atol=1e-5)
+
+    lindiff.restore(model)
+    lindiff.linearize(model, "clear", radius=diagonal + 0.01, frames_radius=0)
+    assert (tiny.output(model, inputs) - reference).abs().max() > 1e-3
 
     lindiff.restore(model)
     lindiff.linearize(model, "clear", radius=1)

@@ -15,6 +15,7 @@ runs a fully linearized FLUX, which has no softmax attention left.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,16 +31,18 @@ from tiny_dit_models import flux_inputs, flux_transformer
 import lindiff
 import lindiff.parallel.exchange
 from lindiff.adapters.processors import call_mixer
+from lindiff.adapters.wan import apply_wan_rotary
 from lindiff.attention.base import Tokens
 from lindiff.attention.clear import ClearAttention
 from lindiff.attention.sana import SanaLinearAttention
 from lindiff.grid import TokenGrid
+from lindiff.kernels import local_attention
 from lindiff.kernels.linear_attention import (
     linear_attention,
     linear_attention_from_state,
     linear_attention_state,
 )
-from lindiff.parallel import SequenceShard
+from lindiff.parallel import SequenceShard, local_attention_sharded
 
 TOLERANCE = 1e-5  # fp32, outputs of scale ~1: summation order only
 
@@ -127,19 +130,55 @@ def _case_sana_mixer() -> dict[str, float]:
     return {"output": max(_gather_floats((sharded - single[:, part]).abs().max().item()))}
 
 
-def _case_clear_mixer_video() -> dict[str, float]:
-    """CLEAR's mixer (float64) on a (3, 4, 5) video grid split unevenly over the processes: its
-    ball window crosses frames and its part starts mid-frame; text after the image, pooled
-    cells that pool repeated edge rows and columns (f = 3), length-aware scale; output and the
-    gradients of q, k, v and the pooling weight."""
+def _case_sana_rotary_mixer() -> dict[str, float]:
+    """SANA-Video's form of SANA's mixer (RoPE in the numerator only) on an uneven split: the
+    rotated state and the plain normaliser are summed over the processes; output and the
+    gradients of q, k, v."""
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 9, 2, 8, generator=generator, requires_grad=True) for _ in range(3))
+    angles = torch.rand(1, 9, 1, 4, dtype=torch.float64, generator=generator) * 6
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    mixer = SanaLinearAttention(eps=1e-15)
+    grad = torch.randn(2, 9, 2, 8, generator=generator)
+
+    def rotary(part: slice, shard: SequenceShard | None) -> tuple[torch.Tensor, ...]:
+        rotate = lambda x: apply_wan_rotary(x, cos[:, part], sin[:, part])
+        leaves = [t[:, part] for t in (q, k, v)]
+        out = mixer.rotary(*leaves, Tokens(image=slice(0, part.stop - part.start), shard=shard), rotate)
+        return out, *torch.autograd.grad(out, (q, k, v), grad[:, part])
+
+    single, *single_grads = rotary(slice(0, 9), None)
+    group = dist.group.WORLD
+    shard = SequenceShard(group=group, rank=dist.get_rank(group), world_size=WORLD, uneven=True)
+    part = shard.part(9)
+    sharded, *sharded_grads = rotary(part, shard)
+    differences = []
+    for got, want in zip(sharded_grads, single_grads, strict=True):
+        dist.all_reduce(got)  # each process's share of the whole gradient
+        differences.append((got - want).abs().max().item())
+    return {
+        "output": max(_gather_floats((sharded - single[:, part]).abs().max().item())),
+        "grads": max(differences),
+        "grad_scale": max(g.abs().max().item() for g in single_grads),
+        "num_grads": len(differences),
+    }
+
+
+def _case_clear_mixer_video(
+    grid: tuple[int, int, int] = (3, 4, 5), frames_radius: float | None = None
+) -> dict[str, float]:
+    """CLEAR's mixer (float64) on a video grid split unevenly over the processes: its cylinder
+    window (every frame by default) crosses frames and its part starts mid-frame; text after the
+    image, pooled cells that pool repeated edge rows and columns (f = 3), length-aware scale;
+    output and the gradients of q, k, v and the pooling weight."""
     generator = torch.Generator().manual_seed(5)
-    grid, text = (3, 4, 5), 5
+    text = 5
     num_image = math.prod(grid)
     q, k, v = (
         torch.randn(2, num_image + text, 2, 8, generator=generator, dtype=torch.float64, requires_grad=True)
         for _ in range(3)
     )
-    mixer = ClearAttention(radius=2, down_factor=3, train_tokens=16).double()
+    mixer = ClearAttention(radius=2, down_factor=3, train_tokens=16, frames_radius=frames_radius).double()
     with torch.no_grad():
         mixer.spatial_weight.copy_(torch.rand(3, 3, generator=generator))
     source = TokenGrid()
@@ -167,6 +206,25 @@ def _case_clear_mixer_video() -> dict[str, float]:
         "grad_scale": max(grad.abs().max().item() for grad in single_grads),
         "num_grads": len(grads),
     }
+
+
+def _case_local_attention_sharded() -> dict[str, float]:
+    """``local_attention_sharded`` on a (7, 4, 5) grid split mid-frame: a ball (reach 2 frames and
+    rows) and a cylinder whose frame reach (2) differs from its row reach (1)."""
+    generator = torch.Generator().manual_seed(6)
+    grid = (7, 4, 5)
+    q, k, v = (
+        torch.randn(1, math.prod(grid), 2, 8, generator=generator, dtype=torch.float64) for _ in range(3)
+    )
+    shard = SequenceShard(group=dist.group.WORLD, rank=dist.get_rank(), world_size=WORLD, uneven=True)
+    part = shard.part(math.prod(grid))
+    differences = []
+    for radius, frames_radius in ((2.5, None), (1.5, 2)):
+        window = {"radius": radius, "frames_radius": frames_radius, "scale": 0.3}
+        single = local_attention(q, k, v, grid=grid, **window)[:, part]
+        sharded = local_attention_sharded(q[:, part], k[:, part], v[:, part], shard, grid, **window)
+        differences.append((sharded - single).abs().max().item())
+    return {"output": max(_gather_floats(max(differences)))}
 
 
 def _case_clear_whole_grid() -> dict[str, float]:
@@ -240,6 +298,7 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
         ContextParallelConfig(ulysses_degree=2, ulysses_anything=True),
     ),
     "sana_mixer": _case_sana_mixer,
+    "sana_rotary_mixer": _case_sana_rotary_mixer,
     "clear": lambda: _sharded_vs_single(_model("clear", radius=2), _inputs(8, 8), ULYSSES, grads=True),
     "clear_pooled": lambda: _sharded_vs_single(
         _model("clear", radius=2, down_factor=2), _inputs(8, 8), ULYSSES
@@ -256,6 +315,8 @@ CASES: dict[str, Callable[[], dict[str, float]]] = {
     ),
     "clear_whole_grid": _case_clear_whole_grid,
     "clear_mixer_video": _case_clear_mixer_video,
+    "clear_mixer_video_frames": functools.partial(_case_clear_mixer_video, grid=(7, 4, 5), frames_radius=2),
+    "local_attention_sharded": _case_local_attention_sharded,
     "linearize_after_enable": _case_linearize_after_enable,
 }
 
@@ -277,7 +338,16 @@ def test_shard_local_linear_attention_is_wrong(results):
 
 
 @pytest.mark.parametrize(
-    "case", ["linfusion", "linfusion_ring", "linfusion_uneven", "lit", "lit_mid_row", "sana_mixer"]
+    "case",
+    [
+        "linfusion",
+        "linfusion_ring",
+        "linfusion_uneven",
+        "lit",
+        "lit_mid_row",
+        "sana_mixer",
+        "sana_rotary_mixer",
+    ],
 )
 def test_linear_methods_match_single_process(results, case):
     """Outputs (and, where recorded, every parameter gradient summed over the processes) equal
@@ -302,6 +372,8 @@ def test_uneven_split_needs_anything_mode(results):
         "clear_uneven",
         "clear_whole_grid",
         "clear_mixer_video",
+        "clear_mixer_video_frames",
+        "local_attention_sharded",
     ],
 )
 def test_clear_matches_single_process(results, case):
@@ -309,7 +381,8 @@ def test_clear_matches_single_process(results, case):
     scale: outputs (and, where recorded, gradients) equal the single-process ones.
     ``clear_uneven`` splits a 5 x 3 grid mid-row with 7 text tokens; ``clear_whole_grid`` (radius
     beyond the diagonal) equals the unconverted softmax model; ``clear_mixer_video`` runs the mixer
-    on a (3, 4, 5) video grid."""
+    on a (3, 4, 5) video grid (every frame), ``clear_mixer_video_frames`` on a (7, 4, 5) one with
+    ``frames_radius=2``; ``local_attention_sharded`` runs the kernel's ball and a cylinder."""
     result = ok(results, case)
     assert result["output"] < TOLERANCE
     if "grads" in result:

@@ -20,7 +20,7 @@ from lindiff.kernels.local_attention import (
 )
 from lindiff.kernels.local_attention.chunked import local_attention_chunked
 from lindiff.kernels.local_attention.flex import build_plan, get_plan, local_attention_flex
-from lindiff.kernels.local_attention.reference import as_grid3, radius_threshold
+from lindiff.kernels.local_attention.reference import Window, as_grid3, radius_threshold, window_geometry
 from lindiff.kernels.local_attention.tiling import (
     BLOCK_SIZE,
     TileLayout,
@@ -92,7 +92,7 @@ def test_chunked_matches_reference(grid, radius, num_global, layout):
     grid3 = as_grid3(grid)
     budget = 1 if math.prod(grid) <= 64 else 20_000
     small = local_attention_chunked(
-        q, k, v, grid3, radius_threshold(radius, grid3), global_kv, 8**-0.5, layout, budget=budget
+        q, k, v, grid3, window_geometry(radius, None, grid3), global_kv, 8**-0.5, layout, budget=budget
     )
     assert rel_err(small, ref) < TOL[torch.float32]
 
@@ -128,18 +128,112 @@ def test_flex_matches_reference_on_cpu(grid, radius, num_global, layout, tile):
     assert rel_err(out, ref) < TOL[torch.float32] and rel_err(lse, ref_lse) < TOL[torch.float32]
 
 
+# (grid, radius, frames_radius, global tokens): cylinders, incl. 0 frames, every frame, more than T.
+CYLINDER_CASES = [
+    ((3, 4, 5), 1, 0, 0),
+    ((3, 4, 5), 1.5, 1, 2),
+    ((4, 5, 6), 2.3, 2.5, 0),
+    ((5, 6, 7), 2, math.inf, 1),
+    ((2, 3, 9), 0, 1, 0),
+    ((6, 5, 4), 100, 1, 3),
+    ((4, 6, 6), 3, 10, 0),
+    ((1, 6, 7), 2, 3, 1),
+    ((6, 7), 2, 3, 0),
+]
+
+
+@pytest.mark.parametrize(("grid", "radius", "frames_radius", "num_global"), CYLINDER_CASES)
+def test_chunked_cylinder_matches_reference(grid, radius, frames_radius, num_global):
+    """float64: the chunked path equals the dense reference up to rounding, for any box size."""
+    q, k, v, global_kv = make_inputs(grid, num_global, dim_v=5, dtype=torch.float64)
+    ref, ref_lse = local_attention_reference(
+        q, k, v, grid, radius, global_kv, return_lse=True, frames_radius=frames_radius
+    )
+    out, lse = local_attention(
+        q, k, v, grid=grid, radius=radius, frames_radius=frames_radius, global_kv=global_kv, return_lse=True
+    )
+    assert rel_err(out, ref) < TOL[torch.float64] and rel_err(lse, ref_lse) < TOL[torch.float64]
+    grid3 = as_grid3(grid)
+    window = window_geometry(radius, frames_radius, grid3)
+    small = local_attention_chunked(q, k, v, grid3, window, global_kv, 8**-0.5, budget=1)
+    assert rel_err(small, ref) < TOL[torch.float64]
+    # A cylinder is not the ball (except on one frame or where either covers everything).
+    ball = local_attention_reference(q, k, v, grid, radius, global_kv)
+    assert (rel_err(ball, ref) < TOL[torch.float64]) == (
+        window_mask(grid, radius, frames_radius=frames_radius).equal(window_mask(grid, radius))
+    )
+
+
+@pytest.mark.parametrize(
+    ("grid", "radius", "frames_radius", "num_global", "layout", "tile"),
+    [
+        ((3, 4, 5), 1.5, 1, 0, "bnhd", None),
+        ((5, 6, 7), 2, math.inf, 2, "bhnd", None),
+        ((4, 12, 11), 2.3, 0, 0, "bnhd", (2, 8, 8)),
+        ((6, 8, 10), 3, 2, 130, "bhnd", (4, 4, 8)),
+    ],
+)
+def test_flex_cylinder_matches_reference_on_cpu(grid, radius, frames_radius, num_global, layout, tile):
+    """FlexAttention's eager CPU path with a cylinder's block mask and ``mask_mod``."""
+    q, k, v, global_kv = make_inputs(grid, num_global, layout, batch=1, heads=2)
+    ref, ref_lse = local_attention_reference(
+        q, k, v, grid, radius, global_kv, layout, return_lse=True, frames_radius=frames_radius
+    )
+    out, lse = local_attention(
+        q,
+        k,
+        v,
+        grid=grid,
+        radius=radius,
+        frames_radius=frames_radius,
+        global_kv=global_kv,
+        layout=layout,
+        backend="flex",
+        tile=tile,
+        return_lse=True,
+    )
+    assert rel_err(out, ref) < TOL[torch.float32] and rel_err(lse, ref_lse) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["chunked", "flex"])
+@pytest.mark.parametrize("frames_radius", [2, 3.5, math.inf])
+def test_cylinder_over_every_frame_and_beyond_a_frames_diagonal_is_full_attention(backend, frames_radius):
+    grid = (3, 4, 6)
+    q, k, v, global_kv = make_inputs(grid, 2, batch=1, heads=2, dtype=torch.float32)
+    diagonal = math.hypot(grid[1] - 1, grid[2] - 1)
+    full = local_attention_reference(q, k, v, grid, math.inf, global_kv)
+    out = local_attention(
+        q, k, v, grid=grid, radius=diagonal, frames_radius=frames_radius, global_kv=global_kv, backend=backend
+    )
+    assert rel_err(out, full) < TOL[torch.float32]
+    # One frame less, or a radius just inside a frame's diagonal, is not.
+    for radius, frames in ((diagonal, 1), (diagonal - 0.01, frames_radius)):
+        assert rel_err(local_attention(q, k, v, grid=grid, radius=radius, frames_radius=frames), full) > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="inductor's CPU backend needs a C++ compiler"
 )
 def test_compiled_flex_runs_the_block_mask_on_cpu():
-    """torch.compile(flex_attention) on CPU executes the block-sparse plan (forward only there)."""
-    for grid, radius, num_global in [((1, 40, 40), 6.5, 0), ((1, 40, 40), 3, 0), ((2, 12, 16), 2, 77)]:
+    """torch.compile(flex_attention) on CPU executes the block-sparse plan (forward only there),
+    for balls and cylinders."""
+    for grid, radius, frames_radius, num_global in [
+        ((1, 40, 40), 6.5, None, 0),
+        ((1, 40, 40), 3, None, 0),
+        ((2, 12, 16), 2, None, 77),
+        ((4, 12, 16), 2, 1, 77),
+        ((4, 12, 16), 3, math.inf, 77),
+    ]:
         q, k, v, global_kv = make_inputs(grid, num_global, batch=1, heads=2, dim=16)
-        r2 = radius_threshold(radius, grid)
-        out = local_attention_flex(q, k, v, grid, r2, choose_tile(grid, r2), global_kv, 0.25, compiled=True)
-        ref = local_attention_reference(q, k, v, grid, radius, global_kv, scale=0.25)
+        window = window_geometry(radius, frames_radius, grid)
+        out = local_attention_flex(
+            q, k, v, grid, window, choose_tile(grid, window), global_kv, 0.25, compiled=True
+        )
+        ref = local_attention_reference(
+            q, k, v, grid, radius, global_kv, scale=0.25, frames_radius=frames_radius
+        )
         assert rel_err(out, ref) < TOL[torch.float32]
 
 
@@ -165,28 +259,34 @@ def kernel_mask(block_mask):
 
 
 @pytest.mark.parametrize(
-    ("grid", "radius", "num_global", "tile"),
+    ("grid", "radius", "frames_radius", "num_global", "tile"),
     [
-        ((40, 50), 7.5, 0, None),
-        ((40, 50), 7.5, 77, (16, 8)),
-        ((32, 32), 12, 256, None),
-        ((24, 24), 0, 1, None),
-        ((10, 12), 100, 3, None),
-        ((3, 16), 1.5, 0, (2, 64)),
-        ((6, 20, 20), 3, 5, None),
-        ((5, 16, 16), 2.5, 0, (4, 4, 8)),
+        ((40, 50), 7.5, None, 0, None),
+        ((40, 50), 7.5, None, 77, (16, 8)),
+        ((32, 32), 12, None, 256, None),
+        ((24, 24), 0, None, 1, None),
+        ((10, 12), 100, None, 3, None),
+        ((3, 16), 1.5, None, 0, (2, 64)),
+        ((6, 20, 20), 3, None, 5, None),
+        ((5, 16, 16), 2.5, None, 0, (4, 4, 8)),
+        # Cylinders: every frame, a few frames, the query's frame only, one-frame tiles.
+        ((6, 20, 20), 3, math.inf, 5, None),
+        ((9, 16, 24), 4.5, 2, 0, None),
+        ((5, 16, 16), 2.5, 0, 0, (4, 4, 8)),
+        ((7, 12, 20), 2, 1, 3, (1, 8, 16)),
+        ((10, 8, 8), 20, 3.7, 0, (8, 4, 4)),
     ],
 )
-def test_block_mask_structure_matches_dense_mask(grid, radius, num_global, tile):
+def test_block_mask_structure_matches_dense_mask(grid, radius, frames_radius, num_global, tile):
     """Every pair the dense mask needs is in a listed block, and full blocks are really full."""
     grid3 = as_grid3(grid)
-    r2 = radius_threshold(radius, grid3)
-    tile3 = choose_tile(grid3, r2) if tile is None else as_grid3(tile)
-    plan = build_plan(grid3, r2, tile3, num_global, CPU)
+    window = window_geometry(radius, frames_radius, grid3)
+    tile3 = choose_tile(grid3, window) if tile is None else as_grid3(tile)
+    plan = build_plan(grid3, window, tile3, num_global, CPU)
     layout = TileLayout(grid3, tile3)
     gather, _, _, valid = tile_order(layout)
 
-    dense = window_mask(grid, radius)[gather][:, gather] & valid[None, :]
+    dense = window_mask(grid, radius, frames_radius=frames_radius)[gather][:, gather] & valid[None, :]
     global_cols = torch.arange(plan.global_padded) < num_global
     expected = torch.cat([dense, global_cols.expand(len(gather), -1)], dim=1)
     got = kernel_mask(plan.block_mask)
@@ -194,7 +294,7 @@ def test_block_mask_structure_matches_dense_mask(grid, radius, num_global, tile)
 
     # Listed partial blocks of grid keys are never empty where no padding is involved.
     if all(g % t == 0 for g, t in zip(grid3, tile3, strict=True)):
-        num, idx, _, _ = block_structure(layout, r2)
+        num, idx, _, _ = block_structure(layout, window)
         block = layout.block_size
         for i in range(layout.num_blocks):
             for j in idx[i, : num[i]].tolist():
@@ -210,16 +310,29 @@ def test_tiling_order_and_counts():
         coords[scatter],
         torch.stack(torch.meshgrid(*map(torch.arange, (3, 10, 13)), indexing="ij"), -1).reshape(-1, 3),
     )
-    for grid, radius in [((1, 64, 64), 8), ((1, 48, 80), 5.5), ((4, 32, 32), 3)]:
-        r2 = radius_threshold(radius, grid)
-        tile = choose_tile(grid, r2)
+    for grid, radius, frames_radius in [
+        ((1, 64, 64), 8, None),
+        ((1, 48, 80), 5.5, None),
+        ((4, 32, 32), 3, None),
+        ((4, 32, 32), 3, math.inf),
+        ((8, 24, 40), 5, 1),
+    ]:
+        window = window_geometry(radius, frames_radius, grid)
+        tile = choose_tile(grid, window)
         assert math.prod(tile) == BLOCK_SIZE and (grid[0] > 1 or tile[0] == 1)
-        num, _, full_num, _ = block_structure(TileLayout(grid, tile), r2)
-        assert int(num.sum() + full_num.sum()) == sum(count_blocks(grid, tile, r2))
+        num, _, full_num, _ = block_structure(TileLayout(grid, tile), window)
+        assert int(num.sum() + full_num.sum()) == sum(count_blocks(grid, tile, window))
     # Compact tiles beat row-major blocks (two 64-token rows) on a 64 x 64 grid.
-    r2 = radius_threshold(8, (1, 64, 64))
-    assert sum(count_blocks((1, 64, 64), choose_tile((1, 64, 64), r2), r2)) < sum(
-        count_blocks((1, 64, 64), (1, 2, 64), r2)
+    window = window_geometry(8, None, (1, 64, 64))
+    assert sum(count_blocks((1, 64, 64), choose_tile((1, 64, 64), window), window)) < sum(
+        count_blocks((1, 64, 64), (1, 2, 64), window)
+    )
+    # A cylinder over every frame is one block column per key tile of the frame: 3D tiles beat
+    # row-major strips of one frame.
+    grid = (21, 30, 52)
+    window = window_geometry(math.sqrt(63), math.inf, grid)
+    assert sum(count_blocks(grid, choose_tile(grid, window), window)) < sum(
+        count_blocks(grid, (1, 1, 128), window)
     )
 
 
@@ -230,6 +343,23 @@ def test_radius_threshold_is_exact_at_integer_distances():
     assert radius_threshold(1e9, (2, 3, 4)) == radius_threshold(math.inf, (2, 3, 4)) == 1 + 4 + 9
     mask = window_mask((5, 5), 0)
     assert torch.equal(mask, torch.eye(25, dtype=torch.bool))
+
+
+def test_window_geometry_of_cylinders():
+    """A cylinder's threshold is clipped to a frame's diagonal, its frames to the clip; one frame is the ball."""
+    assert window_geometry(2, None, (3, 4, 5)) == Window(4)
+    assert window_geometry(2, 1, (3, 4, 5)) == Window(4, 1)
+    assert window_geometry(100, 1.999, (3, 4, 5)) == Window(9 + 16, 1)
+    assert window_geometry(2, 2 - 1e-9, (9, 4, 5)) == Window(4, 2)  # a hair below an integer counts as it
+    assert window_geometry(2, 7, (3, 4, 5)) == window_geometry(2, math.inf, (3, 4, 5)) == Window(4, 2)
+    assert window_geometry(2, 0, (1, 4, 5)) == window_geometry(2, math.inf, as_grid3((4, 5))) == Window(4)
+    assert (
+        Window(4, 2).reach == (2, 2, 2) and Window(10, 0).reach == (0, 3, 3) and Window(10).reach == (3, 3, 3)
+    )
+    # |dt| <= frames and a disc in each frame; the ball counts dt in its distance.
+    mask = window_mask((3, 2, 2), 1, frames_radius=1).view(3, 4, 3, 4)
+    assert mask[0, 0, 1].tolist() == [True, True, True, False] and not mask[0, 0, 2].any()
+    assert window_mask((3, 2, 2), 1).view(3, 4, 3, 4)[0, 0, 1].tolist() == [True, False, False, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -246,17 +376,31 @@ def test_dtypes(dtype, backend):
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
-@pytest.mark.parametrize(("grid", "radius", "num_global"), [((7, 9), 2, 3), ((3, 4, 5), 1.5, 0)])
-def test_chunked_gradients_match_reference(grid, radius, num_global, layout):
+@pytest.mark.parametrize(
+    ("grid", "radius", "frames_radius", "num_global"),
+    [((7, 9), 2, None, 3), ((3, 4, 5), 1.5, None, 0), ((4, 4, 5), 1.5, 1, 2)],
+)
+def test_chunked_gradients_match_reference(grid, radius, frames_radius, num_global, layout):
     inputs = make_inputs(grid, num_global, layout, batch=2, heads=2, dim=6, dim_v=4, dtype=torch.float64)
     q, k, v, global_kv = inputs
     leaves = [q, k, v, *(global_kv or ())]
     for t in leaves:
         t.requires_grad_(True)
     out, lse = local_attention(
-        q, k, v, grid=grid, radius=radius, global_kv=global_kv, layout=layout, scale=0.3, return_lse=True
+        q,
+        k,
+        v,
+        grid=grid,
+        radius=radius,
+        frames_radius=frames_radius,
+        global_kv=global_kv,
+        layout=layout,
+        scale=0.3,
+        return_lse=True,
     )
-    ref, ref_lse = local_attention_reference(q, k, v, grid, radius, global_kv, layout, 0.3, return_lse=True)
+    ref, ref_lse = local_attention_reference(
+        q, k, v, grid, radius, global_kv, layout, 0.3, return_lse=True, frames_radius=frames_radius
+    )
     grad_out, grad_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
     got = torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
     want = torch.autograd.grad((ref * grad_out).sum() + (ref_lse * grad_lse).sum(), leaves)
@@ -291,7 +435,7 @@ def test_plan_cache_alternates_resolutions(monkeypatch):
     small, large = (1, 5, 7), (1, 12, 12)
     for _ in range(3):
         for grid in (small, large):
-            plan = get_plan(grid, 2, choose_tile(grid, 2), 0, CPU)
+            plan = get_plan(grid, Window(2), choose_tile(grid, Window(2)), 0, CPU)
             assert len(plan.scatter) == math.prod(grid)
     info = plan_cache_info()
     assert (info.misses, info.hits, info.currsize) == (2, 4, 2)
@@ -310,27 +454,27 @@ def test_plan_cache_is_bounded_by_bytes(monkeypatch):
     """Plans are evicted least recently used first while their bytes exceed the budget."""
     clear_plan_cache()
     grids = [(1, 16, 16 * i) for i in (1, 2, 3)]
-    sizes = [build_plan(g, 4, (1, 8, 16), 0, CPU).nbytes for g in grids]
+    sizes = [build_plan(g, Window(4), (1, 8, 16), 0, CPU).nbytes for g in grids]
     assert sizes[0] < sizes[1] < sizes[2]
     # A budget for the two smaller plans: the third evicts the least recently used one.
     monkeypatch.setenv(flex.PLAN_CACHE_ENV, str((sizes[0] + sizes[1]) / 2**20))
-    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)
-    get_plan(grids[1], 4, (1, 8, 16), 0, CPU)
-    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)  # now grids[1] is the least recently used
+    get_plan(grids[0], Window(4), (1, 8, 16), 0, CPU)
+    get_plan(grids[1], Window(4), (1, 8, 16), 0, CPU)
+    get_plan(grids[0], Window(4), (1, 8, 16), 0, CPU)  # now grids[1] is the least recently used
     assert plan_cache_info()[:4] == (1, 2, 2, sizes[0] + sizes[1])
-    get_plan(grids[2], 4, (1, 8, 16), 0, CPU)  # too big beside either: it stays alone
+    get_plan(grids[2], Window(4), (1, 8, 16), 0, CPU)  # too big beside either: it stays alone
     assert plan_cache_info()[2:4] == (1, sizes[2])
-    get_plan(grids[0], 4, (1, 8, 16), 0, CPU)  # rebuilt; the larger one is evicted
+    get_plan(grids[0], Window(4), (1, 8, 16), 0, CPU)  # rebuilt; the larger one is evicted
     assert plan_cache_info()[1:4] == (4, 1, sizes[0])
     # Budget 0 still keeps the plan in use.
     monkeypatch.setenv(flex.PLAN_CACHE_ENV, "0")
-    get_plan(grids[1], 4, (1, 8, 16), 0, CPU)
+    get_plan(grids[1], Window(4), (1, 8, 16), 0, CPU)
     assert plan_cache_info()[2:] == (1, sizes[1], 0)
     monkeypatch.setenv(flex.PLAN_CACHE_ENV, "a lot")
     with pytest.raises(
         ValueError, match=r"LINDIFF_FLEX_PLAN_CACHE_MB must be a number of MiB >= 0, got 'a lot'"
     ):
-        get_plan(grids[2], 4, (1, 8, 16), 0, CPU)
+        get_plan(grids[2], Window(4), (1, 8, 16), 0, CPU)
     monkeypatch.delenv(flex.PLAN_CACHE_ENV)
     clear_plan_cache()
     assert plan_cache_info()[:4] == (0, 0, 0, 0)
@@ -338,7 +482,7 @@ def test_plan_cache_is_bounded_by_bytes(monkeypatch):
 
 def test_plan_bytes_count_every_tensor():
     """The dense block indices dominate: about 4 bytes x (query blocks) x (key blocks) x 4 index tensors."""
-    plan = build_plan((1, 64, 64), 16 * 16, (1, 8, 16), 77, CPU)
+    plan = build_plan((1, 64, 64), Window(16 * 16), (1, 8, 16), 77, CPU)
     blocks = 64 * 64 // 128
     width = blocks + 1  # one (padded) block of global tokens
     assert plan.nbytes >= 4 * 2 * blocks * width * 4
@@ -348,7 +492,7 @@ def test_plan_bytes_count_every_tensor():
 def test_tile_major_buffers_match_a_gather():
     """q, k, v are written once into one buffer: image tokens, global tokens, zero padding."""
     grid, tile = (1, 10, 13), (1, 8, 16)
-    plan = build_plan(grid, 4, tile, 5, CPU)
+    plan = build_plan(grid, Window(4), tile, 5, CPU)
     for layout, token_dim in (("bnhd", 1), ("bhnd", 2)):
         x, _, _, (k_g, _) = make_inputs(grid[1:], 5, layout, batch=2, heads=3)
         pad = plan.global_padded - 5
@@ -396,9 +540,12 @@ def test_recompile_limit_warns_and_runs_the_chunked_path(monkeypatch):
         for grid in ((4, 6), (12, 20)):  # one block of tokens, then three: a recompilation
             q, k, v, _ = make_inputs(grid, batch=1, heads=2)
             if grid == (12, 20):
-                r2, grid3 = radius_threshold(1.5, as_grid3(grid)), as_grid3(grid)
+                grid3 = as_grid3(grid)
+                window = window_geometry(1.5, None, grid3)
                 with pytest.raises(flex.RecompileLimitError, match="recompile limit"):
-                    local_attention_flex(q, k, v, grid3, r2, choose_tile(grid3, r2), None, 0.3, compiled=True)
+                    local_attention_flex(
+                        q, k, v, grid3, window, choose_tile(grid3, window), None, 0.3, compiled=True
+                    )
             out = local_attention(q, k, v, grid=grid, radius=1.5, backend="flex")
             assert rel_err(out, local_attention_reference(q, k, v, grid, 1.5)) < TOL[torch.float32]
     limit_warnings = [
@@ -431,6 +578,14 @@ def bad_call(**changes):
         ({"radius": -1}, ValueError, "radius must be a number >= 0"),
         ({"radius": math.nan}, ValueError, "radius must be a number >= 0"),
         ({"radius": "3"}, ValueError, "radius must be a number >= 0"),
+        (
+            {"frames_radius": -1},
+            ValueError,
+            r"frames_radius must be None \(a ball .*\) or a number >= 0.*got -1",
+        ),
+        ({"frames_radius": math.nan}, ValueError, "frames_radius must be None"),
+        ({"frames_radius": True}, ValueError, "frames_radius must be None"),
+        ({"frames_radius": "2"}, ValueError, "frames_radius must be None.*got '2'"),
         ({"scale": 0}, ValueError, "scale must be a positive finite number or None"),
         ({"tile": (8, 8)}, ValueError, "tile must be 2 positive ints .* multiple of 128"),
         ({"return_lse": 1}, TypeError, "return_lse must be a bool"),
@@ -509,6 +664,21 @@ def test_compiled_flex_on_a_padded_grid_on_cuda(layout):
     )
     ref, ref_lse = local_attention_reference(q, k, v, grid, radius, (k_g, v_g), layout, return_lse=True)
     assert out.is_contiguous() and lse.is_contiguous() and out.shape == ref.shape
+    assert rel_err(out, ref) < 5 * TOL[torch.bfloat16] and rel_err(lse, ref_lse) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frames_radius", [None, 2, math.inf])
+def test_compiled_flex_on_a_video_grid_on_cuda(frames_radius):
+    """A ball and cylinders on a padded (T, H, W) grid with 3-D tiles and 77 text tokens, bf16."""
+    grid, radius = (7, 20, 26), 5.5
+    inputs = make_inputs(grid, 77, "bnhd", batch=1, heads=4, dim=64, dtype=torch.bfloat16)
+    q, k, v, k_g, v_g = (t.cuda() for t in (*inputs[:3], *inputs[3]))
+    window = {"radius": radius, "frames_radius": frames_radius}
+    out, lse = local_attention(q, k, v, grid=grid, global_kv=(k_g, v_g), return_lse=True, **window)
+    ref, ref_lse = local_attention_reference(
+        q, k, v, grid, radius, (k_g, v_g), return_lse=True, frames_radius=frames_radius
+    )
     assert rel_err(out, ref) < 5 * TOL[torch.bfloat16] and rel_err(lse, ref_lse) < 1e-3
 
 

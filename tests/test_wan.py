@@ -98,15 +98,20 @@ def test_processor_reproduces_diffusers_on_two_grids_in_turn():
 
 
 def test_clear_with_a_window_over_the_whole_video_is_softmax():
-    """``clear``'s window is spherical over (T, H, W) and strict (``d < radius``): a radius beyond
-    the grid's diagonal is full attention, the original model; a radius of 1 is not."""
+    """``clear``'s window on video is a cylinder: strict (``d < radius``) in each frame, over every
+    frame by default. A radius beyond a frame's diagonal is full attention (text global), the
+    original model; the query's frame alone (``frames_radius=0``) or a small radius is not."""
     model = tiny.wan_transformer()
     inputs = tiny.wan_inputs(*LATENTS[0])
     reference = output(model, inputs)
-    frames, height, width = GRIDS[0]
-    diagonal = math.dist((0, 0, 0), (frames - 1, height - 1, width - 1))
+    _, height, width = GRIDS[0]
+    diagonal = math.dist((0, 0), (height - 1, width - 1))  # of a frame
     lindiff.linearize(model, "clear", radius=diagonal + 0.01)
     torch.testing.assert_close(output(model, inputs), reference, rtol=0, atol=1e-5)
+
+    lindiff.restore(model)
+    lindiff.linearize(model, "clear", radius=diagonal + 0.01, frames_radius=0)
+    assert (output(model, inputs) - reference).abs().max() > 1e-3
 
     lindiff.restore(model)
     lindiff.linearize(model, "clear", radius=1.5)

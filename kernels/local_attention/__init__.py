@@ -1,4 +1,4 @@
-"""Local softmax attention in a circular (2D) or spherical (3D) window of the token grid.
+"""Local softmax attention in a window of the token grid: a disc (2D), a ball or a cylinder (3D).
 
 The op dispatches on the device of its inputs: CUDA tensors run FlexAttention with block masks
 built from the window geometry (``flex.py``, ``tiling.py``); anything else runs the exact
@@ -20,7 +20,7 @@ import torch
 
 from .chunked import local_attention_chunked
 from .flex import RecompileLimitError, clear_plan_cache, flex_available, local_attention_flex, plan_cache_info
-from .reference import as_grid3, local_attention_reference, radius_threshold, window_mask
+from .reference import as_grid3, local_attention_reference, window_geometry, window_mask
 from .states import merge_attention_states
 from .tiling import BLOCK_SIZE, choose_tile
 
@@ -47,7 +47,14 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_inputs(q, k, v, grid, radius, global_kv, layout, scale, tile, backend, return_lse) -> None:
+def _is_radius(x) -> bool:
+    """A real number ``>= 0`` (``math.inf`` included), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x) and x >= 0
+
+
+def _check_inputs(
+    q, k, v, grid, radius, frames_radius, global_kv, layout, scale, tile, backend, return_lse
+) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -86,9 +93,14 @@ def _check_inputs(q, k, v, grid, radius, global_kv, layout, scale, tile, backend
             f"grid {tuple(grid)} has {math.prod(grid)} cells but q, k, v have {tokens} tokens; "
             "the grid product must equal the token count (tokens in row-major order)"
         )
-    if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or math.isnan(radius) or radius < 0:
+    if not _is_radius(radius):
         raise ValueError(
             f"radius must be a number >= 0 (in tokens; math.inf for full attention), got {radius!r}"
+        )
+    if frames_radius is not None and not _is_radius(frames_radius):
+        raise ValueError(
+            "frames_radius must be None (a ball over frames, rows and columns) or a number >= 0 "
+            f"(frames; math.inf for every frame), got {frames_radius!r}"
         )
 
     if global_kv is not None:
@@ -167,6 +179,7 @@ def local_attention(
     *,
     grid: tuple[int, int] | tuple[int, int, int],
     radius: float,
+    frames_radius: float | None = None,
     global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     layout: str = "bnhd",
     scale: float | None = None,
@@ -174,11 +187,18 @@ def local_attention(
     tile: tuple[int, ...] | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of every grid token to the tokens within ``radius`` of it (plus global tokens).
+    """Softmax attention of every grid token to the tokens in a window around it (plus global tokens).
 
-    Query cell ``p`` attends key cell ``c`` iff ``||p - c||_2 <= radius`` in token units (a disc
-    in 2D, a ball in 3D): ``radius=0`` is the token itself, a radius at least the grid's diagonal
-    (or ``math.inf``) is full attention. Global keys are seen by every query, in the same softmax.
+    Query cell ``p`` attends key cell ``c``, ``(dt, dh, dw)`` apart in token units, iff
+
+    - ``frames_radius=None``: ``||p - c||_2 <= radius`` (a disc in 2D, a ball in 3D); a radius
+      at least the grid's diagonal (or ``math.inf``) is full attention;
+    - ``frames_radius=F``: ``|dt| <= F`` and ``dh^2 + dw^2 <= radius^2``, a cylinder: the disc
+      of ``radius`` in each of the ``2F + 1`` frames around the query's. With ``F >= T - 1`` (or
+      ``math.inf``) and a radius at least the diagonal of a frame it is full attention.
+
+    ``radius=0`` is the token itself (and, in a cylinder, the same position in the frames within
+    ``F``). Global keys are seen by every query, in the same softmax.
 
     Args:
         q, k: ``(B, N, H, D)`` for ``layout="bnhd"``, ``(B, H, N, D)`` for ``layout="bhnd"``;
@@ -186,6 +206,10 @@ def local_attention(
         v: the same with value dim ``D_v``.
         grid: ``(H, W)`` or ``(T, H, W)`` with product ``N``.
         radius: window radius in tokens, ``>= 0``; may be fractional.
+        frames_radius: ``None`` (a ball, the default) or the cylinder's temporal extent in
+            frames, ``>= 0``, counted inclusively (``0``: the query's frame only); fractional
+            values are floored, ``math.inf`` is every frame. Grids of one frame (every 2D grid)
+            ignore it: there a cylinder is the disc.
         global_kv: ``(k_g, v_g)``, ``(B, M, H, D)`` and ``(B, M, H, D_v)`` (or ``"bhnd"``), e.g.
             text tokens; ``M`` is independent of ``N``.
         layout: ``"bnhd"`` or ``"bhnd"``; strided views are accepted.
@@ -204,20 +228,20 @@ def local_attention(
         The output ``(B, N, H, D_v)`` (or ``(B, H, N, D_v)``) in the dtype of ``q``, and with
         ``return_lse`` the log-sum-exp.
     """
-    _check_inputs(q, k, v, grid, radius, global_kv, layout, scale, tile, backend, return_lse)
+    _check_inputs(q, k, v, grid, radius, frames_radius, global_kv, layout, scale, tile, backend, return_lse)
     grid3 = as_grid3(grid)
-    r2 = radius_threshold(float(radius), grid3)
+    window = window_geometry(float(radius), None if frames_radius is None else float(frames_radius), grid3)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     global_kv = None if global_kv is None else tuple(global_kv)
     if _select_backend(backend, q) == "chunked":
-        return local_attention_chunked(q, k, v, grid3, r2, global_kv, scale, layout, return_lse)
-    tile3 = choose_tile(grid3, r2) if tile is None else as_grid3(tile)
+        return local_attention_chunked(q, k, v, grid3, window, global_kv, scale, layout, return_lse)
+    tile3 = choose_tile(grid3, window) if tile is None else as_grid3(tile)
     try:
-        return local_attention_flex(q, k, v, grid3, r2, tile3, global_kv, scale, layout, return_lse)
+        return local_attention_flex(q, k, v, grid3, window, tile3, global_kv, scale, layout, return_lse)
     except RecompileLimitError as error:
         message = (
             f"{error} local_attention runs the exact chunked path for grid {tuple(grid)} instead (slower)."
         )
         logger.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return local_attention_chunked(q, k, v, grid3, r2, global_kv, scale, layout, return_lse)
+    return local_attention_chunked(q, k, v, grid3, window, global_kv, scale, layout, return_lse)

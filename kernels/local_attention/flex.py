@@ -8,8 +8,7 @@ keys, padded to whole blocks, and are visible to every query. q, k and v are eac
 into one tile-major buffer (image tokens, global tokens, padding) and the output is read back
 once into the caller's layout.
 
-Plans (token order + ``BlockMask``) are cached per (grid, radius threshold, tile, global count,
-device) in an LRU bounded by the bytes of their tensors, not by their number: the dense
+Plans (token order + ``BlockMask``) are cached per (grid, window, tile, global count, device) in an LRU bounded by the bytes of their tensors, not by their number: the dense
 block-index tensors grow as ``N^2 / 128^2`` (about 1 GB at 1M tokens). The budget is
 ``PLAN_CACHE_MB`` MiB, or ``LINDIFF_FLEX_PLAN_CACHE_MB`` from the environment; the plan in use
 is always kept. The lookup runs outside a user's ``torch.compile`` of the whole model
@@ -35,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import Grid3
+from .reference import Grid3, Window
 from .tiling import TileLayout, block_structure, tile_order
 
 # Bytes of cached plans (MiB), overridden by LINDIFF_FLEX_PLAN_CACHE_MB. A 512 x 512 grid's plan
@@ -62,9 +61,10 @@ def _flex_api():
 def compiled_flex_attention():
     """``torch.compile(flex_attention, dynamic=False, fullgraph=True)``, created on first use.
 
-    Static shapes: every grid gets its own kernels (the radius threshold is a tensor, so a new
-    radius on a known grid compiles nothing). Automatic dynamic shapes are avoided on purpose:
-    not every backend builds them (inductor's CPU template fails to in torch 2.13).
+    Static shapes: every grid gets its own kernels (the window's thresholds are tensors, so a new
+    radius or frames_radius on a known grid compiles nothing). Automatic dynamic shapes are
+    avoided on purpose: not every backend builds them (inductor's CPU template fails to in torch
+    2.13).
     ``fullgraph=True`` turns a recompile-limit hit into an error instead of an eager fall-back.
     """
     return torch.compile(_flex_api()[0], dynamic=False, fullgraph=True)
@@ -119,33 +119,39 @@ class FlexPlan:
 _PAD, _GRID, _GLOBAL = 0, 1, 2
 
 
-def make_mask_mod(coords: torch.Tensor, kind: torch.Tensor, r2: int):
+def make_mask_mod(coords: torch.Tensor, kind: torch.Tensor, window: Window):
     """The per-token rule on the tile-major key sequence.
 
     Args:
         coords: ``(L, 3)`` grid coordinates of every key position (queries use the first rows).
-        kind: ``(L,)`` int8, ``_GRID`` for grid cells (visible within the radius), ``_GLOBAL``
+        kind: ``(L,)`` int8, ``_GRID`` for grid cells (visible inside the window), ``_GLOBAL``
             for global tokens (always visible), ``_PAD`` for padding (never visible).
-        r2: squared-distance threshold.
+        window: the window (``window_geometry``).
 
-    The threshold lives in a tensor, not in the closure as a Python int, so that compiled
-    FlexAttention does not specialise (and recompile) on it.
+    One branch-free rule covers both shapes, ``time * dt^2 + dh^2 + dw^2 <= r2`` and
+    ``dt^2 <= frames^2``: a ball has ``time = 1`` (its frame bound ``r2`` is then implied), a
+    cylinder ``time = 0``. The three numbers live in tensors, not in the closure as Python ints,
+    so that compiled FlexAttention does not specialise (and recompile) on the window.
     """
     ct, ch, cw = (coords[:, i].to(torch.int32).contiguous() for i in range(3))
-    limit = torch.tensor(r2, dtype=torch.int32, device=coords.device)
+    ball = window.frames is None
+    time, limit, frames2 = (
+        torch.tensor(x, dtype=torch.int32, device=coords.device)
+        for x in (int(ball), window.r2, window.r2 if ball else window.frames**2)
+    )
 
     def mask_mod(b, h, q_idx, kv_idx):
         dt = ct[q_idx] - ct[kv_idx]
         dh = ch[q_idx] - ch[kv_idx]
         dw = cw[q_idx] - cw[kv_idx]
-        near = dt * dt + dh * dh + dw * dw <= limit
+        near = (time * dt * dt + dh * dh + dw * dw <= limit) & (dt * dt <= frames2)
         key = kind[kv_idx]
         return (key == _GLOBAL) | ((key == _GRID) & near)
 
     return mask_mod
 
 
-def build_plan(grid: Grid3, r2: int, tile: Grid3, num_global: int, device: torch.device) -> FlexPlan:
+def build_plan(grid: Grid3, window: Window, tile: Grid3, num_global: int, device: torch.device) -> FlexPlan:
     """Token order, padding and ``BlockMask`` for one geometry (uncached; see ``get_plan``)."""
     _, block_mask_cls, _ = _flex_api()
     layout = TileLayout(grid, tile)
@@ -156,7 +162,7 @@ def build_plan(grid: Grid3, r2: int, tile: Grid3, num_global: int, device: torch
     global_padded = global_blocks * block
     width = image_blocks + global_blocks
 
-    num, idx, full_num, full_idx = block_structure(layout, r2, width)
+    num, idx, full_num, full_idx = block_structure(layout, window, width)
     if global_blocks:
         # Complete global blocks are full for every query; a last, padded one is partial.
         ids = torch.arange(image_blocks, width, dtype=torch.int32)
@@ -172,7 +178,7 @@ def build_plan(grid: Grid3, r2: int, tile: Grid3, num_global: int, device: torch
     kind = torch.cat(
         [valid.to(torch.int8) * _GRID, (torch.arange(global_padded) < num_global).to(torch.int8) * _GLOBAL]
     )
-    mask_mod = make_mask_mod(coords.to(device), kind.to(device), r2)
+    mask_mod = make_mask_mod(coords.to(device), kind.to(device), window)
     block_mask = block_mask_cls.from_kv_blocks(
         *(t.to(device)[None, None] for t in (num, idx, full_num, full_idx)),
         BLOCK_SIZE=block,
@@ -254,9 +260,9 @@ _PLANS = _PlanCache()
 
 
 @torch.compiler.disable
-def get_plan(grid: Grid3, r2: int, tile: Grid3, num_global: int, device: torch.device) -> FlexPlan:
+def get_plan(grid: Grid3, window: Window, tile: Grid3, num_global: int, device: torch.device) -> FlexPlan:
     """``build_plan`` behind the byte-bounded LRU, keyed by the whole geometry and the device."""
-    return _PLANS.get((grid, r2, tile, num_global, device))
+    return _PLANS.get((grid, window, tile, num_global, device))
 
 
 def plan_cache_info() -> PlanCacheInfo:
@@ -304,7 +310,7 @@ def local_attention_flex(
     k: torch.Tensor,
     v: torch.Tensor,
     grid: Grid3,
-    r2: int,
+    window: Window,
     tile: Grid3,
     global_kv: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
@@ -327,7 +333,7 @@ def local_attention_flex(
     device = q.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    plan = get_plan(grid, r2, tile, num_global, device)
+    plan = get_plan(grid, window, tile, num_global, device)
 
     k_g, v_g = global_kv if num_global else (None, None)
     pad = plan.global_padded - num_global

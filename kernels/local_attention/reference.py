@@ -2,13 +2,19 @@
 
 Tokens are the cells of a grid ``(H, W)`` (images) or ``(T, H, W)`` (video), flattened in
 row-major order, so token ``i`` of an ``(H, W)`` grid sits at ``(i // W, i % W)``. Query ``i``
-attends to key ``j`` iff the Euclidean distance of their grid positions is at most ``radius``
-(in token units; ``radius = 0`` is the token itself). Optional global keys (text tokens) are
-seen by every query, in one joint softmax with the window.
+attends to key ``j`` iff their grid positions, ``(dt, dh, dw)`` apart, are inside the window
+(in token units; ``radius = 0`` is the token itself):
 
-Distances are compared squared and in integers: ``d^2 <= r2`` with ``r2 = radius_threshold(...)``,
-so every implementation (this reference, the chunked CPU path, the FlexAttention block masks)
-agrees exactly on which pairs are inside the window.
+- ``frames_radius=None``: a disc (2D) or ball (3D), ``dt^2 + dh^2 + dw^2 <= radius^2``;
+- ``frames_radius=F``: a cylinder, ``|dt| <= F`` and ``dh^2 + dw^2 <= radius^2`` (a disc in
+  every frame within ``F`` frames). On a grid of one frame the two agree.
+
+Optional global keys (text tokens) are seen by every query, in one joint softmax with the window.
+
+Everything is compared in integers: :func:`window_geometry` turns the radii into a
+:class:`Window` (a threshold ``r2`` on squared distances and a frame count), so every
+implementation (this reference, the chunked CPU path, the FlexAttention block masks, the tile
+choice) agrees exactly on which pairs are inside the window.
 
 ``local_attention_reference`` builds the dense ``N x N`` mask: it is for tests on small grids.
 """
@@ -16,6 +22,7 @@ agrees exactly on which pairs are inside the window.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +56,52 @@ def radius_threshold(radius: float, grid3: Grid3) -> int:
     return math.floor(radius * radius + _RADIUS_TOLERANCE)
 
 
+def frames_threshold(frames_radius: float, frames: int) -> int:
+    """The integer ``F`` such that a pair is inside a cylinder iff ``|dt| <= F``, clipped to ``frames - 1``
+    (so any ``frames_radius`` at least the clip's length, ``math.inf`` included, gives the same ``F``)."""
+    if frames_radius >= frames - 1:
+        return frames - 1
+    return math.floor(frames_radius + _RADIUS_TOLERANCE)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window in integers, the one geometry every path shares (and the plan caches' key).
+
+    Attributes:
+        r2: threshold on squared distances: of ``(dt, dh, dw)`` for a ball, of ``(dh, dw)`` for
+            a cylinder.
+        frames: ``None`` for a ball; for a cylinder the largest frame offset ``|dt|`` inside it.
+    """
+
+    r2: int
+    frames: int | None = None
+
+    @property
+    def reach(self) -> Grid3:
+        """The largest offset along ``(t, h, w)`` inside the window."""
+        side = math.isqrt(self.r2)
+        return (side if self.frames is None else self.frames, side, side)
+
+    def inside(self, dt, dh, dw):
+        """Whether offsets ``dt, dh, dw`` (ints or broadcastable int tensors) are inside the window."""
+        if self.frames is None:
+            return dt * dt + dh * dh + dw * dw <= self.r2
+        return (abs(dt) <= self.frames) & (dh * dh + dw * dw <= self.r2)
+
+
+def window_geometry(radius: float, frames_radius: float | None, grid3: Grid3) -> Window:
+    """The :class:`Window` of ``radius`` (and ``frames_radius``, ``None`` for a ball) on a grid ``(T, H, W)``.
+
+    Clipped to the grid (:func:`radius_threshold`, :func:`frames_threshold`): every radius at
+    least the grid's extent gives the same window. On one frame a cylinder is the ball (``frames``
+    ``None``), so both share plans.
+    """
+    if frames_radius is None or grid3[0] == 1:
+        return Window(radius_threshold(radius, grid3))
+    return Window(radius_threshold(radius, (1, *grid3[1:])), frames_threshold(frames_radius, grid3[0]))
+
+
 def grid_coordinates(grid3: Grid3, device: torch.device | str | None = None) -> torch.Tensor:
     """``(N, 3)`` int64 ``(t, h, w)`` of every token in row-major order."""
     axes = [torch.arange(g, device=device) for g in grid3]
@@ -56,13 +109,16 @@ def grid_coordinates(grid3: Grid3, device: torch.device | str | None = None) -> 
 
 
 def window_mask(
-    grid: tuple[int, ...], radius: float, device: torch.device | str | None = None
+    grid: tuple[int, ...],
+    radius: float,
+    device: torch.device | str | None = None,
+    frames_radius: float | None = None,
 ) -> torch.Tensor:
     """Dense ``(N, N)`` bool mask, ``True`` where query ``i`` may attend to key ``j``. Small grids only."""
     grid3 = as_grid3(grid)
     coords = grid_coordinates(grid3, device)
-    d2 = (coords[:, None, :] - coords[None, :, :]).pow(2).sum(-1)
-    return d2 <= radius_threshold(radius, grid3)
+    offsets = coords[:, None, :] - coords[None, :, :]
+    return window_geometry(radius, frames_radius, grid3).inside(*offsets.unbind(-1))
 
 
 def local_attention_reference(
@@ -75,6 +131,7 @@ def local_attention_reference(
     layout: str = "bnhd",
     scale: float | None = None,
     return_lse: bool = False,
+    frames_radius: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense masked softmax attention over the window (and the global keys); O(N^2) memory.
 
@@ -83,6 +140,7 @@ def local_attention_reference(
         v: the same with value dim ``D_v``.
         grid: ``(H, W)`` or ``(T, H, W)`` with product ``N``.
         radius: window radius in tokens.
+        frames_radius: ``None`` for a ball; else the cylinder's extent in frames (``|dt| <= it``).
         global_kv: ``(k_g, v_g)`` of ``M`` tokens in the same layout, visible to every query.
         scale: softmax scale, ``1/sqrt(D)`` by default.
         return_lse: also return the natural-log log-sum-exp of the scaled scores, float32,
@@ -99,7 +157,7 @@ def local_attention_reference(
     compute = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     keys, values = k, v
-    mask = window_mask(grid, radius, q.device)
+    mask = window_mask(grid, radius, q.device, frames_radius)
     if global_kv is not None:
         keys = torch.cat([k, global_kv[0]], dim=1)
         values = torch.cat([v, global_kv[1]], dim=1)

@@ -5,8 +5,8 @@ order a block of 128 tokens is a thin strip of the grid and touches many other s
 tokens are reordered tile by tile (e.g. ``8 x 16`` tiles in 2D, ``4 x 4 x 8`` in 3D), every block
 is one compact tile, and a (query tile, key tile) pair is
 
-- *empty* when the closest two cells of the tiles are farther apart than the radius (skipped),
-- *full* when the farthest two cells are within the radius and the key tile has no padding
+- *empty* when the closest two cells of the tiles are outside the window (skipped),
+- *full* when the farthest two cells are inside the window and the key tile has no padding
   (computed without a mask),
 - *partial* otherwise (computed with the per-token ``mask_mod``).
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import Grid3
+from .reference import Grid3, Window
 
 BLOCK_SIZE = 128
 
@@ -97,29 +97,28 @@ def tile_order(layout: TileLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 @functools.lru_cache(maxsize=64)
-def tile_offsets(tile: Grid3, tiles: Grid3, r2: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_offsets(tile: Grid3, tiles: Grid3, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile offsets ``(dt, dh, dw)`` whose tile pairs intersect the window, and which are full.
 
     Along an axis with tile size ``s``, two tiles ``d`` apart have cells between
-    ``max(0, |d| s - s + 1)`` and ``|d| s + s - 1`` apart. A pair is non-empty iff the sum of the
-    squared smallest gaps is ``<= r2``, and full (before padding) iff the sum of the squared
-    largest gaps is.
+    ``max(0, |d| s - s + 1)`` and ``|d| s + s - 1`` apart, independently of the other axes. The
+    window (ball or cylinder) shrinks as any gap grows, so a pair is non-empty iff the smallest
+    gaps are inside it, and full (before padding) iff the largest gaps are.
 
     Returns:
         offsets: ``(O, 3)`` int64, lexicographically sorted (so kv tile indices come out sorted).
         full: ``(O,)`` bool.
     """
-    reach = math.isqrt(r2)
     ranges = []
-    for s, n in zip(tile, tiles, strict=True):
+    for s, n, reach in zip(tile, tiles, window.reach, strict=True):
         most = min(n - 1, (reach + s - 1) // s)
         ranges.append(torch.arange(-most, most + 1))
     offsets = torch.stack(torch.meshgrid(*ranges, indexing="ij"), dim=-1).reshape(-1, 3)
     size = torch.tensor(tile)
     near = (offsets.abs() * size - size + 1).clamp(min=0)
     far = offsets.abs() * size + size - 1
-    keep = near.pow(2).sum(-1) <= r2
-    return offsets[keep], far[keep].pow(2).sum(-1) <= r2
+    keep = window.inside(*near.unbind(-1))
+    return offsets[keep], window.inside(*far[keep].unbind(-1))
 
 
 def _compact(rows: torch.Tensor, keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +133,13 @@ def _compact(rows: torch.Tensor, keep: torch.Tensor, width: int) -> tuple[torch.
 
 
 def block_structure(
-    layout: TileLayout, r2: int, width: int | None = None
+    layout: TileLayout, window: Window, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which key tiles each query tile needs, split into partial and full blocks.
 
     Args:
         layout: the tiling.
-        r2: squared-distance threshold (``radius_threshold``).
+        window: the window (``window_geometry``).
         width: columns of the index tensors (at least ``layout.num_blocks``; FlexAttention wants
             the total number of key blocks, global blocks included).
 
@@ -151,7 +150,7 @@ def block_structure(
     """
     width = layout.num_blocks if width is None else width
     tiles = torch.tensor(layout.tiles)
-    offsets, full = tile_offsets(layout.tile, layout.tiles, r2)
+    offsets, full = tile_offsets(layout.tile, layout.tiles, window)
     query = torch.stack(torch.meshgrid(*[torch.arange(n) for n in layout.tiles], indexing="ij"), dim=-1)
     query = query.reshape(-1, 1, 3)
     key = query + offsets[None]  # (Q, O, 3)
@@ -167,21 +166,21 @@ def block_structure(
     return num, idx, full_num, full_idx
 
 
-def count_blocks(grid: Grid3, tile: Grid3, r2: int) -> tuple[int, int]:
+def count_blocks(grid: Grid3, tile: Grid3, window: Window) -> tuple[int, int]:
     """``(partial, full)`` non-empty block counts of a tiling, without building the structure.
 
     Key tiles cut by the grid's edge are counted as full when their offset is; this is only used
     to rank tilings.
     """
     layout = TileLayout(grid, tile)
-    offsets, full = tile_offsets(tile, layout.tiles, r2)
+    offsets, full = tile_offsets(tile, layout.tiles, window)
     tiles = torch.tensor(layout.tiles)
     pairs = (tiles - offsets.abs()).clamp(min=0).prod(-1)
     return int(pairs[~full].sum()), int(pairs[full].sum())
 
 
 @functools.lru_cache(maxsize=64)
-def choose_tile(grid: Grid3, r2: int, block_size: int = BLOCK_SIZE) -> Grid3:
+def choose_tile(grid: Grid3, window: Window, block_size: int = BLOCK_SIZE) -> Grid3:
     """The power-of-two tile of ``block_size`` cells with the fewest (weighted) non-empty blocks.
 
     Partial blocks count 1.25 (they evaluate the mask); ties go to less padding, then to the more
@@ -194,7 +193,7 @@ def choose_tile(grid: Grid3, r2: int, block_size: int = BLOCK_SIZE) -> Grid3:
     for a in range(log + 1) if grid[0] > 1 else (0,):
         for b in range(log - a + 1):
             tile = (2**a, 2**b, 2 ** (log - a - b))
-            partial, full = count_blocks(grid, tile, r2)
+            partial, full = count_blocks(grid, tile, window)
             layout = TileLayout(grid, tile)
             key = (1.25 * partial + full, layout.num_padded, max(tile) / min(tile))
             if best_key is None or key < best_key:

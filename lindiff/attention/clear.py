@@ -9,6 +9,19 @@ processor applies them before the mixer), so with a radius beyond the grid's dia
 ``math.inf``) a converted model computes exactly the original softmax attention; smaller radii
 cost ``O(N r^2)`` instead of ``O(N^2)``.
 
+On video (a ``(T, H, W)`` grid of latent frames; lindiff's extension) the window is a cylinder:
+query ``(t, y, x)`` sees key ``(t', y', x')`` iff ``|t - t'| <= frames_radius`` and
+``(y - y')^2 + (x - x')^2 < radius^2``. ``frames_radius`` counts latent frames inclusively
+(frames are discrete, and ``0`` reads as "this frame only"); ``radius`` stays CLEAR's strict
+one. The default ``frames_radius=None`` is every frame of the clip: video DiTs have heads that attend to the
+same position across all frames (temporal heads; Sparse VideoGen, Xi et al. 2025) besides
+spatially local heads within a frame, and a clip has at most some 20-30 latent frames, so a
+cylinder over the whole clip keeps both patterns while the cost stays linear in the frame area.
+For Wan at 480p x 81 frames (21 x 30 x 52 latent tokens) and radius 8 a query sees a disc of
+at most 193 keys (160 on average, the borders clip it) in each of the 21 frames: 10% of the
+32,760 keys (at 720p, 4.8%). Images (one frame) ignore ``frames_radius``. A radius beyond a
+frame's diagonal with every frame is full attention, the original model.
+
 Option ``down_factor = f`` adds global context for the image queries (not the text ones): the
 image keys and values summed over ``f x f`` cells of the grid with one learned weight
 ``spatial_weight`` ``(f, f)``, shared by keys and values and by all channels and heads, and
@@ -32,9 +45,9 @@ Under diffusers' context parallelism (``tokens.shard``) each process holds a run
 tokens and of the row-major image tokens, and computes exactly what one process would:
 
 - the text queries, keys and values are all-gathered (every image query sees every text key);
-- image queries attend to a box of whole grid rows, ``floor(radius)`` rows (and frames, on
-  video) beyond the process's tokens, fetched from the neighbours
-  (:func:`lindiff.parallel.local_attention_sharded`);
+- image queries attend to a box of whole grid rows, ``floor(radius)`` rows beyond the process's
+  tokens and, on video, ``floor(frames_radius)`` frames (every frame by default), fetched from
+  the neighbours (:func:`lindiff.parallel.local_attention_sharded`);
 - pooled keys and values: each process pools its own tokens (zeros elsewhere) over the cells
   they touch, in float32 (at least), and the processes all-reduce the pooled grid (sum);
 - text queries attend over each process's own text and image keys; the processes merge the
@@ -43,13 +56,15 @@ tokens and of the row-major image tokens, and computes exactly what one process 
 
 Collective sizes per process and layer (all-gathers: what a process receives; all-reduces: the
 reduced tensor), with ``P`` processes, batch ``B``, ``H`` heads of width ``D`` (values ``D_v``),
-``e`` bytes per element, ``M`` text tokens, a grid ``(T, H_g, W)`` and ``R = floor(radius)``:
-text ``P * ceil(M / P) * B * H * (2D + D_v) * e`` (and ``8P`` for the lengths); window halo at
-most ``P * 2 * (R + 1) * W * B * H * (D + D_v) * e`` on images (about ``R`` whole frames each
-side on video); pooled grid ``T * ceil(H_g/f) * ceil(W/f) * B * H * (D + D_v) * 4``; text-query
-merge ``B * M * H * (D_v + 2) * 4``. Compute: the box's halo rows of
-queries are computed and discarded (``2R`` rows per process); text queries keep
-``B * H * M * n`` float32 probabilities for backward (``n``: the process's keys).
+``e`` bytes per element, ``M`` text tokens, a grid ``(T, H_g, W)``, ``R = floor(radius)`` and
+``R_t = min(floor(frames_radius), T - 1)``: text ``P * ceil(M / P) * B * H * (2D + D_v) * e``
+(and ``8P`` for the lengths); window halo at most ``P * 2 * (R + 1) * W * B * H * (D + D_v) * e``
+on images and on a part within one frame; a part that crosses frames takes ``R_t`` whole frames
+each side (with the default, every frame: the halo is the other processes' whole share of the
+keys and values, as in an all-gather); pooled grid ``T * ceil(H_g/f) * ceil(W/f) * B * H *
+(D + D_v) * 4``; text-query merge ``B * M * H * (D_v + 2) * 4``. Compute: the box's halo rows
+(frames) of queries are computed and discarded (``2R`` rows, or ``2 R_t`` frames, per process);
+text queries keep ``B * H * M * n`` float32 probabilities for backward (``n``: the process's keys).
 """
 
 from __future__ import annotations
@@ -89,10 +104,14 @@ class ClearOptions:
 
     Attributes:
         radius: window radius in tokens, ``> 0``: an image query sees the image keys at Euclidean
-            grid distance strictly below it (a radius that is a grid distance up to float
-            rounding, like ``math.sqrt(2)``, counts as that distance). ``math.inf``, or any radius
-            beyond the grid's diagonal, is full attention. CLEAR's released FLUX windows are 8,
-            16 and 32.
+            grid distance strictly below it within a frame (a radius that is a grid distance up
+            to float rounding, like ``math.sqrt(2)``, counts as that distance). ``math.inf``, or
+            any radius beyond a frame's diagonal, is full attention (on video, with every frame).
+            CLEAR's released FLUX windows are 8, 16 and 32.
+        frames_radius: video only (images ignore it): how many latent frames the window reaches
+            each way, inclusively (``|dt| <= frames_radius``; ``0``: the query's frame only;
+            fractions are floored). ``None``, the default, is every frame of the clip (a window
+            over the whole clip in time; see the module docstring for why).
         down_factor: ``None`` or 1 for no pooled tokens; an integer ``f >= 2`` adds the image
             keys and values pooled over ``f x f`` cells (learned ``spatial_weight``) as global
             keys of the image queries. CLEAR's released pooled variants use 4.
@@ -105,12 +124,21 @@ class ClearOptions:
     radius: float = 16
     down_factor: int | None = None
     train_tokens: int | None = None
+    frames_radius: float | None = None
 
     def __post_init__(self) -> None:
         radius = self.radius
         if not isinstance(radius, numbers.Real) or isinstance(radius, bool) or not radius > 0:
             raise ValueError(
                 f"radius must be a number > 0 (tokens; math.inf for full attention), got {radius!r}"
+            )
+        frames = self.frames_radius
+        if frames is not None and (
+            not isinstance(frames, numbers.Real) or isinstance(frames, bool) or not frames >= 0
+        ):
+            raise ValueError(
+                "frames_radius must be None (every frame) or a number >= 0 (latent frames each way, "
+                f"inclusive; 0: the query's frame only), got {frames!r}"
             )
         factor = self.down_factor
         if factor is not None and (
@@ -179,7 +207,7 @@ def pool_tokens_sharded(
     frames, height, width = grid
     factor = weight.shape[-1]
     part = shard.part(frames * height * width)
-    box = GridBox.around(part, grid, reach=0, align=factor)
+    box = GridBox.around(part, grid, frames=0, rows=0, align=factor)
     own = box.locate(part)
     dtype = torch.promote_types(x.dtype, torch.float32)
     filled = F.pad(x.to(dtype), (0, 0, 0, 0, own.start, box.size - own.stop))
@@ -198,14 +226,23 @@ class ClearAttention(TokenMixer):
         down_factor: pooling factor ``f`` of the extra global tokens; ``None`` or 1 for none.
         train_tokens: key count at the training resolution for the length-aware scale; ``None``
             for ``1/sqrt(D)``.
+        frames_radius: latent frames the window reaches each way on video (inclusive); ``None``
+            for every frame.
     """
 
     method_name = "clear"
     context_parallel = True
 
-    def __init__(self, radius: float, down_factor: int | None, train_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        radius: float,
+        down_factor: int | None,
+        train_tokens: int | None = None,
+        frames_radius: float | None = None,
+    ) -> None:
         super().__init__()
         self.radius = float(radius)
+        self.frames_radius = None if frames_radius is None else float(frames_radius)
         self.down_factor = None if down_factor in (None, 1) else int(down_factor)
         self.train_tokens = None if train_tokens is None else int(train_tokens)
         if self.down_factor is None:
@@ -223,6 +260,11 @@ class ClearAttention(TokenMixer):
             num_keys *= POOLED_KEY_FACTOR
         # One key gets all the weight whatever the scale; keep it positive for the kernel.
         return math.sqrt(math.log(max(num_keys, 2)) / math.log(self.train_tokens) / head_dim)
+
+    def window(self) -> dict[str, float]:
+        """The closed window of :func:`lindiff.kernels.local_attention`: ``radius`` and ``frames_radius``."""
+        frames = math.inf if self.frames_radius is None else self.frames_radius
+        return {"radius": closed_radius(self.radius), "frames_radius": frames}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """``q, k`` ``(B, N, H, D)``, ``v`` ``(B, N, H, D_v)`` with image tokens at ``tokens.image``; returns ``(B, N, H, D_v)``.
@@ -251,7 +293,7 @@ class ClearAttention(TokenMixer):
             k_image,
             v_image,
             grid=grid,
-            radius=closed_radius(self.radius),
+            **self.window(),
             global_kv=global_kv,
             scale=scale,
         )
@@ -288,7 +330,7 @@ class ClearAttention(TokenMixer):
             v_image,
             shard,
             grid,
-            radius=closed_radius(self.radius),
+            **self.window(),
             global_kv=global_kv if global_kv[0].shape[1] else None,
             scale=scale,
         )
@@ -299,11 +341,15 @@ class ClearAttention(TokenMixer):
         return torch.cat([text_out[:, :before], out, text_out[:, before:]], dim=1)
 
     def extra_repr(self) -> str:
-        return f"radius={self.radius}, down_factor={self.down_factor}, train_tokens={self.train_tokens}"
+        return (
+            f"radius={self.radius}, down_factor={self.down_factor}, train_tokens={self.train_tokens}, "
+            f"frames_radius={self.frames_radius}"
+        )
 
 
 class Clear(AttentionMethod):
-    """The ``"clear"`` method (Liu et al., NeurIPS 2025): circular local attention, text global.
+    """The ``"clear"`` method (Liu et al., NeurIPS 2025): circular local attention (a cylinder over
+    ``frames_radius`` frames on video), text global.
 
     Converts self, joint (SD3, FLUX double blocks) and single-stream (FLUX) layers; adds no
     parameters unless ``down_factor`` is set.
@@ -316,5 +362,7 @@ class Clear(AttentionMethod):
     def convert_layer(self, layer: LayerInfo) -> None:
         like = self.parameter_like(layer.module)
         options = self.options
-        mixer = ClearAttention(options.radius, options.down_factor, options.train_tokens)
+        mixer = ClearAttention(
+            options.radius, options.down_factor, options.train_tokens, options.frames_radius
+        )
         setattr(layer.module, ADDED_MODULE, mixer.to(device=like.device, dtype=like.dtype))

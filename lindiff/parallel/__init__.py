@@ -9,9 +9,10 @@ what one process would:
 - linear methods (linfusion, lit, sana) all-reduce their float32 state ``[S | z]``
   (:func:`linear_attention_sharded`): bytes per layer independent of the resolution;
 - LiT's depthwise convolution fetches the neighbouring grid rows it needs (:func:`rows_around`);
-- CLEAR's window attention fetches the keys within its radius (:func:`local_attention_sharded`,
-  :func:`box_around`), gathers the text tokens (:func:`gather_sequence`) and merges the text
-  queries' attention over every process's keys (:func:`attention_over_shards`);
+- CLEAR's window attention fetches the keys within its window's reach in rows and frames
+  (:func:`local_attention_sharded`, :func:`box_around`), gathers the text tokens
+  (:func:`gather_sequence`) and merges the text queries' attention over every process's keys
+  (:func:`attention_over_shards`);
 - methods that cannot yet run sharded raise (:func:`not_supported`) instead of attending over
   their shard alone.
 

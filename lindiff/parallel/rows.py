@@ -60,22 +60,24 @@ class GridBox:
     rows: range
 
     @classmethod
-    def around(cls, part: slice, grid: GridShape, reach: int, align: int = 1) -> GridBox:
-        """The box of the non-empty run ``part`` of the flattened grid grown by ``reach`` frames and
-        ``reach`` rows each way (clipped to the grid), its rows widened to multiples of ``align``.
+    def around(cls, part: slice, grid: GridShape, frames: int, rows: int, align: int = 1) -> GridBox:
+        """The box of the non-empty run ``part`` of the flattened grid grown by ``frames`` frames and
+        ``rows`` rows each way (clipped to the grid), its rows widened to multiples of ``align``.
 
         A part inside one frame keeps its rows; a part that crosses frames covers whole frames. In
         both cases the part's tokens are consecutive in the box (:meth:`locate`).
         """
-        frames, height, width = grid
+        num_frames, height, width = grid
         first_frame, first_row = divmod(part.start // width, height)
         last_frame, last_row = divmod((part.stop - 1) // width, height)
         if first_frame != last_frame:
             first_row, last_row = 0, height - 1
-        top = max(0, first_row - reach) // align * align
-        bottom = min(height, -(-(last_row + reach + 1) // align) * align)
+        top = max(0, first_row - rows) // align * align
+        bottom = min(height, -(-(last_row + rows + 1) // align) * align)
         return cls(
-            grid, range(max(0, first_frame - reach), min(frames, last_frame + reach + 1)), range(top, bottom)
+            grid,
+            range(max(0, first_frame - frames), min(num_frames, last_frame + frames + 1)),
+            range(top, bottom),
         )
 
     @property
@@ -152,13 +154,14 @@ def rows_around(x: torch.Tensor, shard: SequenceShard, grid: GridShape, rows: in
 
 
 def box_around(
-    x: torch.Tensor, shard: SequenceShard, grid: GridShape, reach: int
+    x: torch.Tensor, shard: SequenceShard, grid: GridShape, frames: int, rows: int
 ) -> tuple[GridBox, torch.Tensor]:
-    """This rank's image tokens ``x`` ``(B, n, ...)`` with every token within ``reach`` frames and rows of them.
+    """This rank's image tokens ``x`` ``(B, n, ...)`` with every token within ``frames`` frames and
+    ``rows`` rows of them.
 
     Returns:
-        The :class:`GridBox` around the rank's part (``GridBox.around(part, grid, reach)``) and its
-        tokens ``(B, box.size, ...)``; the rank's own tokens sit at ``box.locate(part)``.
+        The :class:`GridBox` around the rank's part (``GridBox.around(part, grid, frames, rows)``)
+        and its tokens ``(B, box.size, ...)``; the rank's own tokens sit at ``box.locate(part)``.
 
     Raises:
         ValueError: if some rank holds no image token (fewer tokens than processes).
@@ -170,7 +173,7 @@ def box_around(
             f"context parallelism over {shard.world_size} processes needs at least as many image tokens, "
             f"got grid {grid} ({total} tokens)"
         )
-    boxes = [GridBox.around(part, grid, reach) for part in parts]
+    boxes = [GridBox.around(part, grid, frames, rows) for part in parts]
     tokens = _fetch(x, shard, total, [box.span() for box in boxes])
     box = boxes[shard.rank]
     return box, box.take(tokens)

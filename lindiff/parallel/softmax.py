@@ -1,11 +1,12 @@
 """Softmax attention over a sequence split over processes: local windows, and replicated queries.
 
-- :func:`local_attention_sharded`: each query attends to the keys within a radius on the token
-  grid, so a process needs only the keys within that reach of its own tokens. It fetches them
-  (:func:`~lindiff.parallel.rows.box_around`: whole rows, ``floor(radius)`` rows and frames
-  beyond its part) and runs :func:`lindiff.kernels.local_attention` on that box, its own queries
-  in place and zeros elsewhere. Exact; it sends about ``2 * reach`` rows (frames on video) of
-  keys and values per process and computes the box's extra rows of queries in vain.
+- :func:`local_attention_sharded`: each query attends to the keys in a window around it on the
+  token grid, so a process needs only the keys within the window's reach of its own tokens. It
+  fetches them (:func:`~lindiff.parallel.rows.box_around`: whole rows, ``floor(radius)`` rows
+  and ``floor(frames_radius)`` frames (``floor(radius)`` for a ball) beyond its part, clipped to
+  the grid) and runs :func:`lindiff.kernels.local_attention` on that box, its own queries in
+  place and zeros elsewhere. Exact; it sends about ``2 * reach`` rows (frames on video) of keys
+  and values per process and computes the box's extra rows of queries in vain.
 - :func:`attention_over_shards`: queries that every process holds (e.g. the few text tokens)
   attending to all keys. Each process attends over its own keys (in chunks), keeping each
   part's log-sum-exp, and the processes combine the parts exactly: an all-reduce of the largest
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lindiff.kernels import local_attention
-from lindiff.kernels.local_attention.reference import as_grid3, radius_threshold
+from lindiff.kernels.local_attention.reference import as_grid3, window_geometry
 
 from ..grid import GridShape
 from . import exchange
@@ -40,6 +41,7 @@ def local_attention_sharded(
     grid: GridShape,
     *,
     radius: float,
+    frames_radius: float | None = None,
     global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float,
 ) -> torch.Tensor:
@@ -50,19 +52,28 @@ def local_attention_sharded(
         v: the same, ``(B, n, H, D_v)``.
         grid: ``(T, H, W)`` of all image tokens.
         radius: window radius (closed: distances ``<= radius``), as for ``local_attention``.
+        frames_radius: ``None`` for a ball, else the cylinder's extent in frames, as for
+            ``local_attention``.
         global_kv: keys and values every query sees (whole, the same on every process).
         scale: softmax scale.
 
     Returns:
         ``(B, n, H, D_v)``, the output of this process's queries.
     """
-    reach = math.isqrt(radius_threshold(radius, as_grid3(grid)))
+    frames, rows, _ = window_geometry(radius, frames_radius, as_grid3(grid)).reach
     dim = k.shape[-1]
-    box, kv = box_around(torch.cat([k, v], dim=-1), shard, grid, reach)
+    box, kv = box_around(torch.cat([k, v], dim=-1), shard, grid, frames, rows)
     own = box.locate(shard.part(math.prod(grid)))
     q_box = F.pad(q, (0, 0, 0, 0, own.start, box.size - own.stop))
     out = local_attention(
-        q_box, kv[..., :dim], kv[..., dim:], grid=box.shape, radius=radius, global_kv=global_kv, scale=scale
+        q_box,
+        kv[..., :dim],
+        kv[..., dim:],
+        grid=box.shape,
+        radius=radius,
+        frames_radius=frames_radius,
+        global_kv=global_kv,
+        scale=scale,
     )
     return out[:, own]
 
