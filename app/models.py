@@ -108,6 +108,8 @@ class DemoModel:
         loras: LoRA name -> folder or hub id, offered with a scale.
         output_dir: where PNGs are written.
         max_size: largest image side in pixels (default by device, see :data:`MAX_SIZE`).
+        video: with ``model=None``, the embedded video model (tiny-shapes with its motion
+            adapter) instead of the image one.
     """
 
     def __init__(
@@ -121,8 +123,9 @@ class DemoModel:
         loras: dict[str, str] | None = None,
         output_dir: str | Path,
         max_size: int | None = None,
+        video: bool = False,
     ) -> None:
-        self.pipe = load_pipeline(model, method=SOFTMAX, device=device, dtype=dtype)
+        self.pipe = load_pipeline(model, method=SOFTMAX, device=device, dtype=dtype, video=video)
         self.model = model
         self.device: torch.device = main_denoiser(self.pipe).device
         self.control_pipe = None if controlnet is None else self._with_controlnet(controlnet)

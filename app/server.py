@@ -47,8 +47,10 @@ def create_model(
     output_dir: str | None = None,
     max_size: int | None = None,
     calibrate: bool = True,
+    video: bool = False,
 ) -> DemoModel:
-    """A :class:`DemoModel`; ``model=None`` is the embedded model with its ControlNet and LoRAs.
+    """A :class:`DemoModel`; ``model=None`` is the embedded model with its ControlNet and LoRAs
+    (``video``: its video model, tiny-shapes with the motion adapter).
 
     PNGs go to ``output_dir``, or to a new temporary folder. ``calibrate`` runs two short
     renders at native size so the size presets and estimates start from measurements.
@@ -56,7 +58,9 @@ def create_model(
     Raises:
         FileNotFoundError: ``model=None`` and the embedded model is not installed.
     """
-    if model is None and controlnet is None and loras is None:
+    if model is None and video:
+        assets.path(assets.MOTION_MODEL)  # a clear FileNotFoundError before anything else
+    elif model is None and controlnet is None and loras is None:
         assets.path()  # the embedded model itself: a clear FileNotFoundError before anything else
         controlnet, loras = embedded_extras()
     demo_model = DemoModel(
@@ -68,6 +72,7 @@ def create_model(
         loras=loras,
         output_dir=output_dir or tempfile.mkdtemp(prefix="lindiff-demo-"),
         max_size=max_size,
+        video=video,
     )
     if calibrate:
         demo_model.calibrate()

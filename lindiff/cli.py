@@ -313,7 +313,9 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="renders", help="output folder (default: %(default)s)")
     parser.add_argument("--negative-prompt", help="negative prompt of rows without their own")
     parser.add_argument(
-        "--model", help="diffusers folder or hub id (default: the embedded tiny-shapes model)"
+        "--model",
+        help="diffusers folder or hub id (default: the embedded tiny-shapes model; with --frames its video "
+        "model, tiny-shapes-motion)",
     )
     parser.add_argument(
         "--method",
@@ -327,7 +329,8 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frames",
         type=int,
-        help="frames of each video, for a video pipeline (Wan, CogVideoX: 4k + 1; LTX-Video: 8k + 1); "
+        help="frames of each video, for a video pipeline (Wan, CogVideoX: 4k + 1; LTX-Video: 8k + 1; "
+        "AnimateDiff: any count up to its motion modules' length); "
         "writes an H.264 MP4 and a poster PNG per prompt (needs pip install 'lindiff[video]'; "
         "default: the pipeline's own)",
     )
@@ -396,6 +399,11 @@ def run_demo(args: argparse.Namespace) -> int:
         return _user_error("demo", f"{error}; install the demo extra: pip install 'lindiff[demo]'")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.video and args.model:
+        return _user_error(
+            "demo",
+            "--video selects the embedded video model; drop it with --model (a model renders videos if it is a video pipeline)",
+        )
     try:
         model = create_model(
             args.model,
@@ -406,6 +414,7 @@ def run_demo(args: argparse.Namespace) -> int:
             loras=dict(args.loras) if args.loras else None,
             output_dir=args.output_dir,
             max_size=args.max_size,
+            video=args.video,
         )
     except (ValueError, FileNotFoundError) as error:
         return _user_error("demo", error)
@@ -417,6 +426,11 @@ def _add_demo_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         help="diffusers folder or hub id (default: the embedded tiny-shapes model, its ControlNet and LoRA)",
+    )
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help="without --model: the embedded video model (tiny-shapes with its motion adapter), in the video tab",
     )
     parser.add_argument("--weights", help="weights of the linear student: file, folder or hub id")
     parser.add_argument("--controlnet", help="ControlNet folder or hub id offered as a condition")

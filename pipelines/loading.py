@@ -1,6 +1,7 @@
 """Loading a pipeline for rendering: model, attention method, weights, device and dtype; valid sizes.
 
 pipe = load_pipeline()                                    # embedded tiny model, LinFusion weights
+pipe = load_pipeline(video=True)                          # its video model (AnimateDiff), the same weights
 pipe = load_pipeline("runwayml/stable-diffusion-v1-5", weights="Yuanshi/LinFusion-1-5")
 check_size(pipe, 1001, 1024)  # ValueError: height=1001 is not a positive multiple of 8 ...: 1000 or 1008
 """
@@ -90,6 +91,7 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     controlnet: str | None = None,
     offload: bool = False,
+    video: bool = False,
 ) -> Any:
     """A diffusers pipeline ready to render, converted to ``method`` with ``weights``.
 
@@ -107,6 +109,9 @@ def load_pipeline(
             ControlNet pipeline (``AutoPipelineForText2Image.from_pipe``).
         offload: move each model to ``device`` only while it runs
             (``enable_model_cpu_offload``), to fit big models on small GPUs.
+        video: with ``model=None``, the embedded video model
+            (:func:`lindiff.assets.motion_pipeline`: tiny-shapes and its motion adapter, whose
+            spatial layers take the image student's weights unchanged) instead of the image one.
 
     Raises:
         ValueError: an argument is invalid, or the model cannot be found or loaded.
@@ -124,7 +129,10 @@ def load_pipeline(
         raise ValueError(f"weights={weights!r} need a linear attention method; got method={method!r}")
     weights = resolve_weights(model, method, weights)
     kwargs: dict[str, Any] = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    pipe = _from_pretrained(DiffusionPipeline, model or assets.path(), "model", **kwargs)
+    if model is None and video:
+        pipe = assets.motion_pipeline(**kwargs)
+    else:
+        pipe = _from_pretrained(DiffusionPipeline, model or assets.path(), "model", **kwargs)
     if controlnet is not None:
         # from_pretrained keeps the folder's pipeline class; from_pipe switches to its ControlNet variant.
         net = _from_pretrained(ControlNetModel, controlnet, "controlnet", **kwargs)

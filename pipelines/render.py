@@ -55,7 +55,8 @@ class RenderConfig:
         highres, stages, strengths, tile: see :class:`~lindiff.pipelines.batch.RenderOptions`.
         frames: frames of each video, for a video pipeline (``None``: the pipeline's default);
             its model family says which counts are valid
-            (:meth:`~lindiff.adapters.ModelAdapter.resolve_frames`). Image pipelines take none.
+            (:meth:`~lindiff.adapters.ModelAdapter.resolve_frames`). Image pipelines take none;
+            without ``model``, frames select the embedded video model.
         fps: frame rate the videos are written at (``None``: the family's).
         on_error: ``"abort"`` or ``"skip"`` malformed prompt-file lines (and rows whose size
             the model cannot render).
@@ -264,6 +265,7 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
     state = _process_state(config.device, config.parallel_degree)
     # Under a launcher each process takes its own GPU.
     device = str(state.device) if state.num_processes > 1 else config.device
+    video = (item.frames if config.reproduce else config.frames) is not None
     pipe = load_pipeline(
         options.model,
         method=options.method,
@@ -271,6 +273,7 @@ def render(config: RenderConfig, show_progress: bool = True) -> BatchResult:
         device=device,
         dtype=config.dtype,
         offload=config.offload,
+        video=video,
     )
     if config.parallel_degree > 1:
         enable_context_parallel(pipe, config.parallel_degree)

@@ -7,6 +7,7 @@ conditions) at any resolution.
     from lindiff.data import make_example, parse_caption, render
     example = make_example(seed=0)               # example.scene, example.spec, example.text
     image = render(example.scene, size=256)
+    clip = sample_clip(0)                        # moving shapes: clip.caption, render_clip(clip)
 """
 
 from .captions import (
@@ -23,6 +24,17 @@ from .captions import (
     spec_holds,
 )
 from .examples import Example, make_example, to_tensor
+from .motion import (
+    MOTION_PHRASES,
+    MOTIONS,
+    Clip,
+    MotionConfig,
+    MotionSpec,
+    format_motion_caption,
+    parse_motion_caption,
+    render_clip,
+    sample_clip,
+)
 from .raster import CONDITION_KINDS, condition_image, label_map, masks, rasterize, render
 from .shapes import (
     BACKGROUNDS,
@@ -38,13 +50,18 @@ from .shapes import (
 __all__ = [
     "BACKGROUNDS",
     "CONDITION_KINDS",
+    "MOTIONS",
+    "MOTION_PHRASES",
     "RELATIONS",
     "RGB",
     "SHAPES",
     "SHAPE_COLOURS",
     "VOCABULARY",
     "CaptionConfig",
+    "Clip",
     "Example",
+    "MotionConfig",
+    "MotionSpec",
     "ObjectGroup",
     "Scene",
     "SceneSpec",
@@ -54,13 +71,17 @@ __all__ = [
     "condition_image",
     "describe",
     "format_caption",
+    "format_motion_caption",
     "label_map",
     "make_example",
     "masks",
     "parse_caption",
+    "parse_motion_caption",
     "rasterize",
     "relation_holds",
     "render",
+    "render_clip",
+    "sample_clip",
     "sample_scene",
     "spec_holds",
     "to_tensor",

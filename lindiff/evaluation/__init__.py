@@ -11,6 +11,9 @@ accuracy); the classifier's pooled features give a Fréchet distance to real ren
     objects = detect_objects(classifier, images)[0]          # images: (B, 3, H, W) in [-1, 1]
     prompt_correct(parse_caption(prompt), objects)
 
+Clips: :func:`score_clip` tracks each object the caption names through the frames and compares
+its fitted motion with the caption (``bench/video_quality.py``).
+
 ``bench/quality.py`` scores a pipeline and its linear-attention student with it; the classifier's
 training is part of the tiny-shapes recipe (``recipes/tiny_shapes`` in a source checkout).
 """
@@ -34,6 +37,7 @@ from .metrics import (
     prompt_scores,
     stripe_score,
 )
+from .motion import ClipScore, fitted_velocity, score_clip, track_object
 
 __all__ = [
     "DETECTION_SIZE",
@@ -41,15 +45,19 @@ __all__ = [
     "MIN_AREA",
     "POSITION_SEPARATION",
     "ClassifierOutput",
+    "ClipScore",
     "DetectedObject",
     "ShapeClassifier",
     "connected_components",
     "detect_from_logits",
     "detect_objects",
+    "fitted_velocity",
     "frechet_distance",
     "mask_iou",
     "position_correct",
     "prompt_correct",
     "prompt_scores",
+    "score_clip",
     "stripe_score",
+    "track_object",
 ]

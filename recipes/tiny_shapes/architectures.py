@@ -7,10 +7,16 @@ so that the whole build trains in about an hour on two cores.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DPMSolverMultistepScheduler,
+    MotionAdapter,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lindiff.data import ShapesConfig
+from lindiff.data import MotionConfig, ShapesConfig
 
 NATIVE_SIZE = 128
 LATENT_CHANNELS = 4
@@ -91,6 +97,29 @@ def unet() -> UNet2DConditionModel:
 def controlnet(base: UNet2DConditionModel) -> ControlNetModel:
     """A ControlNet copying ``base``'s encoder; its condition embedding maps 128 px to 16x16."""
     return ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(16, 32, 64, 64))
+
+
+MOTION_WORLD = MotionConfig()
+"""The clips the motion adapter learns: one or two objects of the training world's colours, a
+little smaller so that their paths fit in view (:data:`lindiff.data.motion.CLIP_WORLD`)."""
+
+TRAINING_FRAMES = 8
+"""Frames per training clip; the adapter's positions reach :data:`MAX_FRAMES`."""
+
+MAX_FRAMES = 32
+
+
+def motion_adapter() -> MotionAdapter:
+    """AnimateDiff motion modules for :func:`unet`: one temporal transformer per block, a head per 32 channels."""
+    return MotionAdapter(
+        block_out_channels=UNET_CHANNELS,
+        motion_layers_per_block=1,
+        motion_mid_block_layers_per_block=1,
+        motion_num_attention_heads=tuple(c // HEAD_DIM for c in UNET_CHANNELS),
+        motion_norm_num_groups=8,
+        motion_max_seq_length=MAX_FRAMES,
+        use_motion_mid_block=True,
+    )
 
 
 def scheduler() -> DPMSolverMultistepScheduler:

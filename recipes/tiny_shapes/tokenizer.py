@@ -42,14 +42,15 @@ def _apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+def word_merges(words: Iterable[str], base: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """BPE merges under which each of ``words`` encodes to a single ``word</w>`` token.
 
-    Merges are appended word by word, each new one ranked after all earlier ones, so a later
-    word's merges never change how an earlier word encodes.
+    Merges are appended word by word, each new one ranked after all earlier ones (after
+    ``base``'s, which come first in the result), so a later word's merges never change how an
+    earlier word encodes.
     """
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
+    merges: list[tuple[str, str]] = list(base)
+    ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
     for word in words:
         symbols = _apply([*word[:-1], word[-1] + "</w>"], ranks)
         while len(symbols) > 1:
@@ -78,6 +79,35 @@ def write_tokenizer(folder: str | Path, words: Iterable[str] = VOCABULARY) -> CL
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MODEL_MAX_LENGTH
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def extend_tokenizer(base: str | Path, folder: str | Path, words: Iterable[str]) -> CLIPTokenizer:
+    """Write into ``folder`` the tokenizer of ``base`` with every word of ``words`` as one token.
+
+    Existing tokens keep their ids and existing merges their ranks, so every text encodes as
+    before unless it holds a new word; new tokens get the ids after the last one (the special
+    tokens'), so a text encoder only needs new rows at the end of its embedding table.
+    """
+    base = Path(base)
+    vocab = json.loads((base / "vocab.json").read_text(encoding="utf-8"))
+    lines = (base / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    old = [tuple(line.split()) for line in lines if line]
+    merges = word_merges(dict.fromkeys(w.lower() for w in words if w), base=old)
+    for a, b in merges[len(old) :]:
+        vocab.setdefault(a + b, len(vocab))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n", encoding="utf-8")
+    merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    old_tokenizer = CLIPTokenizer.from_pretrained(base)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=old_tokenizer.model_max_length,
     )
     tokenizer.save_pretrained(folder)
     return tokenizer

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import lindiff
 from lindiff import assets
 from lindiff.data import make_example
-from recipes.tiny_shapes.architectures import HEAD_DIM, TRAINING_WORLD
+from recipes.tiny_shapes.architectures import HEAD_DIM, MOTION_WORLD, TRAINING_WORLD
 from recipes.tiny_shapes.build import STAGES, Build, BuildPlan
 from recipes.tiny_shapes.build import main as build_main
 
@@ -38,16 +39,7 @@ def test_build_smoke_writes_loadable_assets(tmp_path: Path) -> None:
     out = tmp_path / "assets"
     assert build_main(["--out", str(out), "--smoke", "--device", "cpu"]) == 0
     summary = json.loads((out / "tiny-shapes" / "build.json").read_text())
-    assert set(summary["stage_seconds"]) == {
-        "vae",
-        "latents",
-        "decoder",
-        "text-to-image",
-        "classifier",
-        "student",
-        "controlnet",
-        "lora",
-    }
+    assert set(summary["stage_seconds"]) == set(STAGES)
     for name in ("vae", "unet"):  # no trace of the build's work folder in what ships
         assert "_name_or_path" not in json.loads((out / "tiny-shapes" / name / "config.json").read_text())
     pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-shapes")
@@ -55,6 +47,15 @@ def test_build_smoke_writes_loadable_assets(tmp_path: Path) -> None:
     pipe.load_lora_weights(str(out / "tiny-shapes-lora-stripes"))
     image = pipe("a red circle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 128, 128, 3)
+    motion = out / "tiny-shapes-motion"
+    video = AnimateDiffPipeline.from_pretrained(
+        out / "tiny-shapes",
+        motion_adapter=MotionAdapter.from_pretrained(motion / "motion_adapter"),
+        text_encoder=CLIPTextModel.from_pretrained(motion / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(motion / "tokenizer"),
+    )
+    frames = video("a red circle moving up", num_frames=4, num_inference_steps=2, output_type="np").frames
+    assert frames.shape == (1, 4, 128, 128, 3) and np.isfinite(frames).all()
     # Running again is a no-op: every stage is recorded as done.
     assert build_main(["--out", str(out), "--smoke", "--device", "cpu"]) == 0
 
@@ -65,6 +66,7 @@ def test_shipped_world_is_the_recipes_training_world() -> None:
     summary = json.loads((Path(assets.path()) / "build.json").read_text())
     assert summary["world"] == json.loads((Path(assets.path()) / assets.WORLD_FILE).read_text())
     assert set(summary["stage_seconds"]) == set(STAGES)
+    assert assets.world(assets.MOTION_MODEL) == MOTION_WORLD
 
 
 def test_shipped_unet_attention_heads_are_head_dim_wide() -> None:
