@@ -4,7 +4,9 @@ The teacher (softmax attention) and the student (``lindiff.linearize`` with trai
 the same pipeline object) render the same prompts with the same seeds at 1x, 2x and 4x the
 native size (direct generation at that size). With ``--highres`` they also render every size
 above native through ``HighResPipeline`` (generation at native size, then SDEdit stages that
-double it: what ``lindiff render`` does there), reported under keys such as ``2x-highres``.
+double it: what ``lindiff render`` does there), reported under keys such as ``2x-highres``;
+``--highres only`` renders the sizes above native through the chain alone (no direct generation
+there: 32x is 4096 px), and ``--variants student`` skips the softmax teacher.
 The shipped classifier (``lindiff.evaluation``) finds the objects of every image and scores:
 
 - prompt accuracy: the objects are exactly those the caption names (colour, shape, count);
@@ -14,6 +16,9 @@ The shipped classifier (``lindiff.evaluation``) finds the objects of every image
 - Fréchet distance between classifier features of generated images and of real renders of the
   same scenes (biased upwards for few images: compare teacher and student at one scale);
 - ControlNet adherence: IoU of the detected object pixels with the condition mask;
+- chain fidelity (high-resolution runs): each final image, area-averaged to the native size,
+  against the chain's own native stage (``lindiff.evaluation.chain_fidelity``): pixel agreement
+  of the colour maps and objects added or lost on the way up;
 - LoRA: stripe score (luminance std inside the objects) with and without the stripes LoRA.
 
 The classifier's scores on real renders of the same prompts (prompt and position accuracy, mask
@@ -22,6 +27,8 @@ IoU with the condition; at every scale) validate the metrics: they should be clo
     python bench/quality.py                  # shipped tiny-shapes assets; prints a time estimate
     python bench/quality.py --quick          # a few prompts per scale
     python bench/quality.py --highres        # also 2x and 4x through the high-resolution chain
+    python bench/quality.py --scales 1 4 8 32 --num-prompts 100 100 100 100 --highres only \
+        --variants student --controlnet none --lora none --tile-vae auto     # the chain to 4096 px
     python bench/quality.py --model DIR --weights DIR --classifier DIR --controlnet none --lora none
 
 Prompts are ``make_example(10_000_000 + i, size, world)`` (the generator trains on seeds below
@@ -33,7 +40,6 @@ Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid bes
 import argparse
 import collections
 import dataclasses
-import functools
 import math
 import statistics
 import textwrap
@@ -43,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from common import device_label, save_results  # bench/ is on sys.path when run as a script
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
@@ -57,6 +64,7 @@ from lindiff.evaluation import (
     EVAL_SEEDS,
     POSITION_SEPARATION,
     ShapeClassifier,
+    chain_fidelity,
     detect_objects,
     frechet_distance,
     mask_iou,
@@ -64,6 +72,7 @@ from lindiff.evaluation import (
     prompt_scores,
     stripe_score,
 )
+from lindiff.evaluation.fidelity import downsample
 from lindiff.pipelines import HighResPipeline, plan_stages
 from lindiff.pipelines.sdedit import default_strengths
 
@@ -71,6 +80,18 @@ TEACHER_TARGET = 0.80
 """Least teacher prompt accuracy at native size."""
 STUDENT_GAP = 0.03
 """Most the student may trail the teacher at native size."""
+CHAIN_SCALES = (4, 8, 32)
+"""Scales whose high-resolution chain the chain-fidelity targets name (reported as not run when absent)."""
+CHAIN_PIXEL_AGREEMENT = 0.95
+"""Least mean pixel agreement of the student's final images with their native stage."""
+CHAIN_NO_EXTRA = 0.90
+"""Least share of the student's final images with no object that their native stage lacks."""
+CHAIN_ACCURACY_GAP = 0.05
+"""Most the student's prompt accuracy through the chain may trail its native (1x) accuracy."""
+TIMED_MAX_SCALE = 4
+"""The time estimate runs the pipeline at sizes up to this multiple of native; larger sizes are
+extrapolated from it by pixel count (right for linear attention and the VAE, low for softmax)."""
+VARIANTS = ("teacher", "student")
 LORA_ADAPTER = "stripes"
 WORLDS: dict[str, Callable[[], ShapesConfig]] = {"training": lindiff.assets.world, "full": ShapesConfig}
 """Scene distributions to draw prompts from (``make_example(seed, size, world)``): the shipped model's
@@ -90,19 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales", type=int, nargs="+", default=[1, 2, 4], help="multiples of the native size"
     )
     parser.add_argument(
-        "--num-prompts", type=int, nargs="+", help="prompts per scale (default 200 50 25; --quick 16 4 2)"
+        "--num-prompts",
+        type=int,
+        nargs="+",
+        help="prompts per scale (default 200 50 25; --quick 16 4 2; further scales repeat the last)",
     )
     parser.add_argument(
         "--num-control",
         type=int,
         nargs="+",
-        help="ControlNet prompts per scale (default 50 10 0; --quick 4 2 0)",
+        help="ControlNet prompts per scale (default 50 10 0; --quick 4 2 0; further scales repeat the last)",
     )
     parser.add_argument("--num-lora", type=int, help="LoRA prompts at native size (default 50; --quick 4)")
     parser.add_argument(
         "--highres",
-        action="store_true",
-        help="also render the sizes above native through the high-resolution chain (same prompts and seeds)",
+        nargs="?",
+        const="also",
+        choices=["also", "only"],
+        help="also render the sizes above native through the high-resolution chain (same prompts and "
+        "seeds); 'only': render them through the chain alone (no direct generation or ControlNet above native)",
+    )
+    parser.add_argument(
+        "--tile-vae",
+        choices=["off", "auto"],
+        default="off",
+        help="VAE tiling in the chain: off (untiled: tiles of a small VAE shift colours) or auto "
+        "(HighResPipeline's choice by free memory, as lindiff render; needed for 4096 px on a CPU)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which models render: the teacher (softmax), the student, or both (paired comparisons need both)",
     )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -136,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         defaults = {"num_prompts": [200, 50, 25], "num_control": [50, 10, 0], "num_lora": 50}
     for name, value in defaults.items():
         if getattr(args, name) is None:
+            if isinstance(value, list):  # defaults cover any number of scales
+                value += [value[-1]] * (len(args.scales) - len(value))
             setattr(args, name, value)
     for name in ("num_prompts", "num_control"):
         counts = getattr(args, name)
@@ -150,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-lora must not exceed the prompts of the first scale, which must be 1")
     if min(args.steps, args.batch_size, args.columns) < 1:
         parser.error("--steps, --batch-size and --columns must be at least 1")
+    args.variants = [variant for variant in VARIANTS if variant in args.variants]  # teacher first, once
     return args
 
 
@@ -165,6 +209,30 @@ def asset(value: str | None, name: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """What :func:`generate` rendered, all in ``[-1, 1]``.
+
+    Attributes:
+        images: ``(N, 3, S, S)``: the images at their size, or shrunk to ``S = keep_size``.
+        native: the chain's native stage ``(N, 3, n, n)`` (``None`` without ``highres``).
+        final_native: the final images area-averaged to the native stage's size (``None``
+            without ``highres``): what :func:`lindiff.evaluation.chain_fidelity` compares.
+    """
+
+    images: torch.Tensor
+    native: torch.Tensor | None = None
+    final_native: torch.Tensor | None = None
+
+
+def shrink(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` ``(B, 3, H, W)`` resized to ``size`` px as ``ShapeClassifier.prepare`` does
+    (bilinear, antialiased), so the classifier's scores do not change; unchanged when not larger."""
+    if size is None or max(images.shape[-2:]) <= size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
 def generate(
     pipe: StableDiffusionPipeline,
     examples: Sequence[Example],
@@ -172,21 +240,28 @@ def generate(
     args: argparse.Namespace,
     conditions: Sequence[Image.Image] | None = None,
     highres: bool = False,
-) -> torch.Tensor:
-    """Images ``(N, 3, size, size)`` in ``[-1, 1]`` for the examples' captions; example ``i``'s seed seeds its noise.
+    keep_size: int | None = None,
+) -> Rendered:
+    """Images at ``size`` px for the examples' captions; example ``i``'s seed seeds its noise.
 
     Prompts go in batches of ``args.batch_size`` divided by the scale (memory grows with the size).
-    ``highres`` renders through ``HighResPipeline.from_pipe(pipe)`` (it shares ``pipe``'s modules).
+    ``highres`` renders through ``HighResPipeline.from_pipe(pipe)`` (it shares ``pipe``'s modules)
+    and keeps its native stage. Images larger than ``keep_size`` are kept shrunk to it (see
+    :func:`shrink`; a 4096 px image is 200 MB).
     """
     native = native_size(pipe)
     batch_size = max(1, args.batch_size * native // size)
-    runner = pipe
-    if highres:  # untiled VAE, as tile_vae="auto" chooses at these sizes: tiles of a small VAE shift colours
-        runner = functools.partial(HighResPipeline.from_pipe(pipe), tile_vae=False)
-    images = []
+    runner, extra = pipe, {}
+    if highres:
+        # "off": untiled VAE, as tile_vae="auto" chooses up to a few megapixels: tiles of a small
+        # VAE shift colours; "auto" tiles where an untiled pass would not fit (4096 px on a CPU).
+        runner = HighResPipeline.from_pipe(pipe)
+        extra = {"tile_vae": "auto" if args.tile_vae == "auto" else False, "return_stages": True}
+    images, stages, finals = [], [], []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        extra = {} if conditions is None else {"image": list(conditions[start : start + batch_size])}
+        if conditions is not None:
+            extra["image"] = list(conditions[start : start + batch_size])
         output = runner(
             prompt=[example.text for example in batch],
             height=size,
@@ -197,21 +272,38 @@ def generate(
             output_type="pt",
             **extra,
         )
-        images.append(output.images.float().cpu() * 2.0 - 1.0)
-    return torch.cat(images)
+        final = output.images.float().cpu() * 2.0 - 1.0
+        images.append(shrink(final, keep_size))
+        if highres:
+            stages.append(output.stages[0].float().cpu() * 2.0 - 1.0)
+            finals.append(downsample(final, stages[-1].shape[-2:]))
+    if not highres:
+        return Rendered(torch.cat(images))
+    return Rendered(torch.cat(images), torch.cat(stages), torch.cat(finals))
+
+
+def direct_seconds_per_image(
+    pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace, timed: dict[int, float]
+) -> float:
+    """Rough seconds per image of direct generation at ``size``: :func:`seconds_per_image` (cached in
+    ``timed`` by size) up to ``TIMED_MAX_SCALE`` x native, scaled from there by pixel count above it."""
+    measured = min(size, TIMED_MAX_SCALE * native_size(pipe))
+    if measured not in timed:
+        timed[measured] = seconds_per_image(pipe, measured, args)
+    return timed[measured] * (size / measured) ** 2
 
 
 def highres_seconds_per_image(
-    pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace, per_image: dict[int, float]
+    pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace, timed: dict[int, float]
 ) -> float:
     """Rough seconds per image of the high-resolution chain to ``size``: its stages' direct costs
-    (from :func:`seconds_per_image`, cached in ``per_image`` by size) times their SDEdit strengths."""
+    (:func:`direct_seconds_per_image`, ``timed`` its cache) times their SDEdit strengths."""
     stages = [height for height, _ in plan_stages(size, size, native_size(pipe))]
     strengths = [1.0, *default_strengths(len(stages))]
-    for stage in stages:
-        if stage not in per_image:
-            per_image[stage] = seconds_per_image(pipe, stage, args)
-    return sum(strength * per_image[stage] for stage, strength in zip(stages, strengths, strict=True))
+    return sum(
+        strength * direct_seconds_per_image(pipe, stage, args, timed)
+        for stage, strength in zip(stages, strengths, strict=True)
+    )
 
 
 def seconds_per_image(pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace) -> float:
@@ -329,22 +421,58 @@ def accuracy_gap(teacher: dict, student: dict) -> float:
     return round(teacher["prompt_accuracy"] - student["prompt_accuracy"], 9)
 
 
+def chain_targets(student: dict) -> dict:
+    """The student's chain-fidelity targets at every ``CHAIN_SCALES`` chain and every other chain
+    run: pixel agreement, images without extra objects, prompt accuracy against native (1x).
+
+    A target whose runs are missing has ``"run": False`` and ``"met": None``.
+    """
+    keys = {f"{scale}x-highres" for scale in CHAIN_SCALES} | {
+        key for key in student if key.endswith("-highres")
+    }
+    found = {}
+    for key in sorted(keys, key=lambda key: int(key.split("x")[0])):
+        run = student.get(key)
+        for name, field, least in (
+            ("pixel_agreement", "chain_pixel_agreement", CHAIN_PIXEL_AGREEMENT),
+            ("no_extra_objects", "chain_no_extra_objects", CHAIN_NO_EXTRA),
+        ):
+            value = run[field] if run else None
+            found[f"student_chain_{name}_{key}_at_least_{least:.2f}"] = {
+                "value": value,
+                "met": None if value is None else value >= least,
+                "run": run is not None,
+            }
+        both = run is not None and "1x" in student
+        gap = accuracy_gap(student["1x"], run) if both else None
+        found[f"student_chain_within_{round(CHAIN_ACCURACY_GAP * 100)}_points_of_1x_{key}"] = {
+            "native_minus_chain": gap,
+            "met": None if gap is None else gap <= CHAIN_ACCURACY_GAP,
+            "run": both,
+        }
+    return found
+
+
 def targets(generation: dict) -> dict:
-    """The issue's targets, each with its value and whether it is met (absent scales are left out)."""
-    teacher, student = generation["teacher"], generation["student"]
+    """The issues' targets, each with its value and whether it is met. The teacher-student ones are
+    left out where a scale or variant was not run; the student's chain targets are always listed,
+    ``"met": None`` (``"run": False``) where not run."""
+    teacher, student = generation.get("teacher", {}), generation.get("student")
     found = {}
     if "1x" in teacher:
         value = teacher["1x"]["prompt_accuracy"]
         found["teacher_prompt_accuracy_1x_at_least_0.80"] = {"value": value, "met": value >= TEACHER_TARGET}
+    if student is not None and "1x" in teacher and "1x" in student:
         gap = accuracy_gap(teacher["1x"], student["1x"])
         found["student_within_3_points_of_teacher_1x"] = {
             "teacher_minus_student": gap,
             "met": gap <= STUDENT_GAP,
         }
     for key in teacher:
-        if key != "1x":
+        if key != "1x" and student is not None and key in student:
             gap = accuracy_gap(teacher[key], student[key])
             found[f"student_not_worse_than_teacher_{key}"] = {"teacher_minus_student": gap, "met": gap <= 0.0}
+    found.update(chain_targets(student or {}))
     return found
 
 
@@ -355,9 +483,10 @@ class RunPlan:
     Attributes:
         native: the model's native size (px).
         sizes: size (px) of every scale, keyed ``"1x"``, ``"2x"``, ...
-        runs: ``(size, highres)`` of every generation run, keyed as ``sizes`` plus ``"2x-highres"``, ...
-        counts: prompts of every run (the first ``counts[key]`` of ``examples``).
-        control_counts: ControlNet prompts of every scale (empty without a ControlNet).
+        runs: ``(size, highres)`` of every generation run, keyed as ``sizes`` (direct generation;
+            with ``--highres only`` native size alone) plus ``"2x-highres"``, ...
+        counts: prompts of every scale and run (the first ``counts[key]`` of ``examples``).
+        control_counts: ControlNet prompts of every scale rendered directly (empty without a ControlNet).
         num_lora: LoRA prompts at native size (0 without a LoRA).
         world: the scenes the prompts describe.
         examples: the prompts, ``make_example(EVAL_SEEDS + i, native, world)``.
@@ -377,12 +506,17 @@ class RunPlan:
         """The plan of ``args`` for a model of ``native`` px, with or without a ControlNet and a LoRA."""
         sizes = {f"{scale}x": native * scale for scale in args.scales}
         counts = dict(zip(sizes, args.num_prompts, strict=True))
-        runs = {key: (size, False) for key, size in sizes.items()}
+        direct = {key for key, size in sizes.items() if args.highres != "only" or size <= native}
+        runs = {key: (size, False) for key, size in sizes.items() if key in direct}
         for key, size in sizes.items():
             if args.highres and size > native:
                 runs[f"{key}-highres"] = (size, True)
                 counts[f"{key}-highres"] = counts[key]
-        control_counts = dict(zip(sizes, args.num_control, strict=True)) if control else {}
+        control_counts = {}
+        if control:
+            control_counts = {
+                key: count for key, count in zip(sizes, args.num_control, strict=True) if key in direct
+            }
         world = WORLDS[args.world]()
         examples = [make_example(EVAL_SEEDS + i, native, world) for i in range(max(args.num_prompts))]
         return cls(native, sizes, runs, counts, control_counts, args.num_lora if lora else 0, world, examples)
@@ -411,16 +545,24 @@ class Models:
         return self.control_pipe if self.control_pipe is not None else self.pipe
 
 
+def by_variant(variants: Sequence[str] = VARIANTS) -> dict[str, dict]:
+    """An empty dict for each variant."""
+    return {variant: {} for variant in variants}
+
+
 @dataclasses.dataclass
 class Results:
-    """Scores of both variants by run key, and the images of the PNG grid by row label."""
+    """Scores of the variants by run key, and the images of the PNG grid by row label.
 
-    generation: dict[str, dict] = dataclasses.field(default_factory=lambda: {"teacher": {}, "student": {}})
-    correct: dict[str, dict[str, list[bool]]] = dataclasses.field(
-        default_factory=lambda: {"teacher": {}, "student": {}}
-    )
-    control: dict[str, dict] = dataclasses.field(default_factory=lambda: {"teacher": {}, "student": {}})
+    ``chain`` holds, per variant and high-resolution run, the per-image chain fidelity
+    (``pixel_agreement``, ``extra_objects``, ``missing_objects``): enough for paired tests.
+    """
+
+    generation: dict[str, dict] = dataclasses.field(default_factory=by_variant)
+    correct: dict[str, dict[str, list[bool]]] = dataclasses.field(default_factory=by_variant)
+    control: dict[str, dict] = dataclasses.field(default_factory=by_variant)
     lora: dict[str, dict] = dataclasses.field(default_factory=dict)
+    chain: dict[str, dict] = dataclasses.field(default_factory=by_variant)
     shown: dict[str, list[Image.Image]] = dataclasses.field(default_factory=dict)
 
 
@@ -450,16 +592,19 @@ def load_models(args: argparse.Namespace, device: torch.device) -> Models:
 
 
 def estimate_seconds(pipe: StableDiffusionPipeline, plan: RunPlan, args: argparse.Namespace) -> float:
-    """Rough seconds of the whole run (teacher speed for both models), printed with the per-image costs."""
-    by_size = {size: seconds_per_image(pipe, size, args) for size in plan.sizes.values()}
-    per_image = {key: by_size[size] for key, size in plan.sizes.items()}
-    for key, (size, highres) in plan.runs.items():
-        if highres:
-            per_image[key] = highres_seconds_per_image(pipe, size, args, by_size)
+    """Rough seconds of the whole run (teacher speed for every variant), printed with the per-image costs."""
+    timed: dict[int, float] = {}
+    per_image = {
+        key: (highres_seconds_per_image if highres else direct_seconds_per_image)(pipe, size, args, timed)
+        for key, (size, highres) in plan.runs.items()
+    }
     work = {key: plan.counts[key] + 1.5 * plan.control_counts.get(key, 0) for key in plan.runs}
     work["1x"] = work.get("1x", 0) + plan.num_lora
-    estimate = 2 * sum(per_image[key] * work[key] for key in plan.runs)
-    print(f"estimated time: {estimate / 60:.1f} min (teacher speed for both; seconds per image {per_image})")
+    estimate = len(args.variants) * sum(per_image[key] * work[key] for key in plan.runs)
+    print(
+        f"estimated time: {estimate / 60:.1f} min (teacher speed for {', '.join(args.variants)}; "
+        f"seconds per image {per_image})"
+    )
     return estimate
 
 
@@ -467,9 +612,12 @@ def score_real(classifier: ShapeClassifier, plan: RunPlan) -> tuple[dict[str, di
     """The classifier's scores on real renders of every scale's prompts, and its features ``(N, F)``
     of native renders of all of them."""
     real = {}
+    keep_size = classifier.config.input_size
     for key, size in plan.sizes.items():
         chosen = plan.examples[: plan.counts[key]]
-        renders = torch.stack([to_tensor(render(example.scene, size)) for example in chosen])
+        renders = torch.cat(
+            [shrink(to_tensor(render(example.scene, size))[None], keep_size) for example in chosen]
+        )
         detections = detect_objects(classifier, renders)
         scores = prompt_scores([example.spec for example in chosen], detections)
         real[key] = {name: value for name, value in scores.items() if not isinstance(value, list)}
@@ -493,11 +641,23 @@ def generation_runs(
     """Render and score every run of ``variant``; returns the mean stripe score of the first
     ``plan.num_lora`` prompts at 1x (``None`` without a LoRA run)."""
     plain_stripes = None
+    keep_size = models.classifier.config.input_size
     for key, (size, highres) in plan.runs.items():
         start = time.perf_counter()
         chosen = plan.examples[: plan.counts[key]]
-        images = generate(models.pipe, chosen, size, args, highres=highres)
+        rendered = generate(models.pipe, chosen, size, args, highres=highres, keep_size=keep_size)
+        images = rendered.images
         results.generation[variant][key], detections = score(models.classifier, images, chosen, real_features)
+        if highres:
+            fidelity = chain_fidelity(models.classifier, rendered.native, rendered.final_native)
+            results.generation[variant][key].update(
+                {f"chain_{name}": value for name, value in fidelity.summary().items() if name != "num_images"}
+            )
+            results.chain.setdefault(variant, {})[key] = {
+                "pixel_agreement": [round(value, 5) for value in fidelity.pixel_agreement],
+                "extra_objects": list(fidelity.extra_objects),
+                "missing_objects": list(fidelity.missing_objects),
+            }
         results.generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
         results.correct[variant][key] = [
             prompt_correct(example.spec, objects) for example, objects in zip(chosen, detections, strict=True)
@@ -518,9 +678,11 @@ def control_runs(
     results: Results,
 ) -> None:
     """Render ``variant`` with the ControlNet on every scale's ``conditions`` and score its adherence."""
+    keep_size = models.classifier.config.input_size
     for key, key_conditions in conditions.items():
         chosen = plan.examples[: len(key_conditions)]
-        images = generate(models.control_pipe, chosen, plan.sizes[key], args, key_conditions)
+        size = plan.sizes[key]
+        images = generate(models.control_pipe, chosen, size, args, key_conditions, keep_size=keep_size).images
         found = detect_objects(models.classifier, images)
         results.control[variant][key] = control_scores(found, key_conditions, chosen)
         results.shown[f"{variant} + ControlNet {key}"] = [to_pil(image) for image in images[: args.columns]]
@@ -538,7 +700,8 @@ def lora_run(
     """Render ``variant`` with the LoRA at native size; its stripe score against ``plain_stripes``."""
     models.pipe.load_lora_weights(models.paths["lora"], adapter_name=LORA_ADAPTER)
     chosen = plan.examples[: plan.num_lora]
-    images = generate(models.pipe, chosen, plan.native, args)
+    keep_size = models.classifier.config.input_size
+    images = generate(models.pipe, chosen, plan.native, args, keep_size=keep_size).images
     models.pipe.unload_lora_weights()
     detections = detect_objects(models.classifier, images)
     results.lora[variant] = {
@@ -554,18 +717,25 @@ def lora_run(
 def run_variants(
     models: Models, plan: RunPlan, real_features: torch.Tensor, args: argparse.Namespace
 ) -> tuple[Results, list[str]]:
-    """Render and score the teacher, then the student (``linearize``, undone at the end); also the
-    row labels of the PNG grid, in order."""
+    """Render and score the teacher, then the student (``linearize``, undone at the end), as far as
+    ``args.variants`` asks; also the row labels of the PNG grid, in order."""
     conditions = plan.conditions()
-    results = Results(shown={"real": [render(example.scene) for example in plan.examples[: args.columns]]})
-    for variant in ("teacher", "student"):
+    results = Results(
+        generation=by_variant(args.variants),
+        correct=by_variant(args.variants),
+        control=by_variant(args.variants),
+        chain=by_variant(args.variants),
+        shown={"real": [render(example.scene) for example in plan.examples[: args.columns]]},
+    )
+    for variant in args.variants:
         if variant == "student":
             lindiff.linearize(models.student_target, method=args.method, weights=models.paths["weights"])
         plain_stripes = generation_runs(variant, models, plan, real_features, args, results)
         control_runs(variant, models, conditions, plan, args, results)
         if plan.num_lora:
             lora_run(variant, models, plain_stripes, plan, args, results)
-    lindiff.restore(models.student_target)
+    if "student" in args.variants:
+        lindiff.restore(models.student_target)
     rows = ["real"] + [
         f"{variant} {key} ({size} px)"
         for key, (size, _) in plan.runs.items()
@@ -586,9 +756,15 @@ def run_config(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
         "native_size": plan.native,
         "sizes": plan.sizes,
         "num_prompts": plan.counts,
-        "highres": {"strengths": "default (pipelines.sdedit.default_strengths)", "stages": "auto"}
+        "highres": {
+            "mode": args.highres,
+            "strengths": "default (pipelines.sdedit.default_strengths)",
+            "stages": "auto",
+            "tile_vae": args.tile_vae,
+        }
         if args.highres
         else None,
+        "variants": args.variants,
         "num_control": plan.control_counts,
         "num_lora": plan.num_lora,
         "steps": args.steps,
@@ -624,9 +800,12 @@ def main(argv: list[str] | None = None) -> dict:
         "config": run_config(args, models, plan),
         "classifier_on_real": real,
         "generation": generation,
-        "paired": {key: paired_counts(correct["teacher"][key], correct["student"][key]) for key in plan.runs},
+        "paired": {key: paired_counts(correct["teacher"][key], correct["student"][key]) for key in plan.runs}
+        if len(args.variants) == 2
+        else None,
         "controlnet": results.control if plan.control_counts else None,
         "lora": results.lora or None,
+        "chain_fidelity": results.chain if args.highres else None,
         "targets": targets(generation),
         "estimated_seconds": estimate,
         "seconds": time.perf_counter() - started,

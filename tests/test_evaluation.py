@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +19,26 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 import lindiff
+import lindiff.assets
 from lindiff.data import (
     SHAPE_COLOURS,
     SHAPES,
     ObjectGroup,
     SceneSpec,
+    ShapeObject,
     condition_image,
     label_map,
     make_example,
     masks,
+    render,
+    to_tensor,
 )
 from lindiff.evaluation import (
     EVAL_SEEDS,
+    ChainFidelity,
     DetectedObject,
     ShapeClassifier,
+    chain_fidelity,
     connected_components,
     detect_from_logits,
     frechet_distance,
@@ -235,6 +242,84 @@ def test_classifier_outputs_save_load_round_trip(tmp_path):
         ShapeClassifier(widths=(16, 20))
 
 
+@pytest.fixture(scope="module")
+def shipped_classifier() -> ShapeClassifier:
+    return ShapeClassifier.from_pretrained(lindiff.assets.path("tiny-shapes-classifier")).eval()
+
+
+def renders(scenes: list, size: int = 128) -> torch.Tensor:
+    """``(B, 3, size, size)`` renders of ``scenes`` in ``[-1, 1]``."""
+    return torch.stack([to_tensor(render(scene, size)) for scene in scenes])
+
+
+def test_chain_fidelity_of_the_same_scenes_is_perfect(shipped_classifier):
+    """A final image that is the native scene rendered 4x larger keeps every pixel class and object;
+    PIL images give the tensors' result."""
+    scenes = [make_example(EVAL_SEEDS + i).scene for i in range(4)]
+    fidelity = chain_fidelity(shipped_classifier, renders(scenes), renders(scenes, 512))
+    assert len(fidelity) == 4
+    assert min(fidelity.pixel_agreement) > 0.99
+    assert fidelity.extra_objects == fidelity.missing_objects == (0, 0, 0, 0)
+    assert fidelity.same_objects == (True,) * 4
+    summary = fidelity.summary()
+    assert summary["no_extra_objects"] == summary["same_objects"] == 1.0 and summary["num_images"] == 4
+    same = chain_fidelity(shipped_classifier, renders(scenes), renders(scenes))
+    assert same.pixel_agreement == (1.0,) * 4
+    from_pil = chain_fidelity(
+        shipped_classifier, [render(scene) for scene in scenes], [render(scene, 512) for scene in scenes]
+    )
+    assert from_pil == fidelity
+
+
+def test_chain_fidelity_counts_added_moved_and_recoloured_objects(shipped_classifier):
+    """Objects added or recoloured on the way up count as extra (and missing); pixel agreement drops
+    by about the share of pixels whose true class changed."""
+    scene = make_example(EVAL_SEEDS + 1).scene  # a blue triangle left of centre on white
+    assert [(obj.colour, obj.shape) for obj in scene.objects] == [("blue", "triangle")]
+    (triangle,) = scene.objects
+    added = replace(scene, objects=(triangle, ShapeObject("square", "red", (0.75, 0.3), 0.3)))
+    moved = replace(scene, objects=(replace(triangle, center=(0.7, 0.4)),))
+    recoloured = replace(scene, objects=(replace(triangle, colour="green"),))
+    finals = [scene, added, moved, recoloured]
+    fidelity = chain_fidelity(shipped_classifier, renders([scene] * 4), renders(finals, 256))
+    assert fidelity.extra_objects == (0, 1, 0, 1)
+    assert fidelity.missing_objects == (0, 0, 0, 1)
+    assert fidelity.same_objects == (True, False, True, False)
+    assert fidelity.summary()["no_extra_objects"] == 0.5
+
+    def true_classes(scene) -> np.ndarray:
+        classes = np.array([0] + [1 + SHAPE_COLOURS.index(obj.colour) for obj in scene.objects])
+        return classes[label_map(scene, 128)]
+
+    for final, agreement in zip(finals, fidelity.pixel_agreement, strict=True):
+        expected = float((true_classes(scene) == true_classes(final)).mean())
+        assert agreement == pytest.approx(expected, abs=0.015)
+    assert max(fidelity.pixel_agreement[1:]) < 0.985 < fidelity.pixel_agreement[0]
+    # The other way round, the square is missing from the final image.
+    reverse = chain_fidelity(shipped_classifier, renders([added]), renders([scene], 256))
+    assert (reverse.extra_objects, reverse.missing_objects) == ((0,), (1,))
+
+
+def test_chain_fidelity_checks_its_inputs(shipped_classifier):
+    native, final = torch.zeros(2, 3, 64, 64), torch.zeros(2, 3, 128, 128)
+    with pytest.raises(ValueError, match="same number of images; got 2 and 3"):
+        chain_fidelity(shipped_classifier, native, torch.zeros(3, 3, 128, 128))
+    with pytest.raises(ValueError, match="at least as large as native"):
+        chain_fidelity(shipped_classifier, final, native)
+    with pytest.raises(ValueError, match="at least as large as native"):
+        chain_fidelity(shipped_classifier, native, torch.zeros(2, 3, 128, 32))
+    with pytest.raises(ValueError, match="native must be"):
+        chain_fidelity(shipped_classifier, torch.zeros(2, 1, 64, 64), final)
+    with pytest.raises(ValueError, match="final must be"):
+        chain_fidelity(shipped_classifier, native, torch.zeros(2, 3, 128, 128, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="final must be"):
+        chain_fidelity(shipped_classifier, native, torch.zeros(0, 3, 128, 128))
+    with pytest.raises(ValueError, match="batch_size"):
+        chain_fidelity(shipped_classifier, native, final, batch_size=0)
+    with pytest.raises(ValueError, match="one length"):
+        ChainFidelity((1.0,), (0, 0), (0,))
+
+
 def _load_bench_script(name: str, monkeypatch: pytest.MonkeyPatch):
     """Import ``bench/<name>.py`` as a module, with ``bench/`` on ``sys.path`` for its ``common`` import."""
     monkeypatch.syspath_prepend(str(BENCH))
@@ -265,28 +350,105 @@ def test_quality_bench_runs_on_a_tiny_pipeline(bench_folders, tmp_path, monkeypa
     quality = _load_bench_script("quality", monkeypatch)
     out = tmp_path / "quality.json"
     argv = [f"--{name}={path}" for name, path in bench_folders.items()]
-    argv += ["--quick", "--scales", "1", "2", "--num-prompts", "3", "2", "--num-control", "2", "0"]
-    argv += ["--num-lora", "2", "--steps", "3", "--columns", "3", "--highres", "--out", str(out)]
+    argv += [
+        "--quick",
+        "--scales",
+        "1",
+        "2",
+        "4",
+        "--num-prompts",
+        "3",
+        "2",
+        "2",
+        "--num-control",
+        "2",
+        "0",
+        "0",
+    ]
+    argv += ["--num-lora", "2", "--steps", "4", "--columns", "3", "--highres", "--out", str(out)]
     quality.main(argv)
     result = json.loads(out.read_text())
     assert {"config", "classifier_on_real", "generation", "controlnet", "lora", "targets"} <= set(result)
+    chain_keys = {
+        "chain_pixel_agreement",
+        "chain_no_extra_objects",
+        "chain_no_missing_objects",
+        "chain_same_objects",
+    }
     for variant in ("teacher", "student"):
-        assert set(result["generation"][variant]) == {"1x", "2x", "2x-highres"}
-        assert result["generation"][variant]["2x-highres"]["size"] == 32
-        assert {"prompt_accuracy", "position_accuracy", "frechet_distance"} <= set(
-            result["generation"][variant]["1x"]
-        )
+        generation = result["generation"][variant]
+        assert set(generation) == {"1x", "2x", "4x", "2x-highres", "4x-highres"}
+        assert generation["2x-highres"]["size"] == 32
+        assert {"prompt_accuracy", "position_accuracy", "frechet_distance"} <= set(generation["1x"])
+        assert not chain_keys & set(generation["2x"])
+        for key in ("2x-highres", "4x-highres"):
+            assert chain_keys <= set(generation[key])
+            assert all(0.0 <= generation[key][name] <= 1.0 for name in chain_keys)
+            per_image = result["chain_fidelity"][variant][key]
+            assert {name: len(values) for name, values in per_image.items()} == {
+                "pixel_agreement": 2,
+                "extra_objects": 2,
+                "missing_objects": 2,
+            }
+            assert generation[key]["chain_pixel_agreement"] == pytest.approx(
+                sum(per_image["pixel_agreement"]) / 2, abs=1e-5
+            )
+            assert generation[key]["chain_no_extra_objects"] == per_image["extra_objects"].count(0) / 2
         assert 0.0 <= result["controlnet"][variant]["1x"]["mask_iou"] <= 1.0
         assert "stripe_score_with_lora" in result["lora"][variant]
-    assert result["config"]["sizes"] == {"1x": 16, "2x": 32}
+    assert result["config"]["sizes"] == {"1x": 16, "2x": 32, "4x": 64}
+    assert result["config"]["highres"]["mode"] == "also"
     assert "student_not_worse_than_teacher_2x-highres" in result["targets"]
     for key, counts in result["paired"].items():
         assert (
             sum(counts[k] for k in ("both", "teacher_only", "student_only", "neither"))
             == (result["config"]["num_prompts"][key])
         )
-    assert all(isinstance(target["met"], bool) for target in result["targets"].values())
+    found = result["targets"]
+    for key in ("2x-highres", "4x-highres", "8x-highres", "32x-highres"):
+        chain = [
+            found[f"student_chain_pixel_agreement_{key}_at_least_0.95"],
+            found[f"student_chain_no_extra_objects_{key}_at_least_0.90"],
+            found[f"student_chain_within_5_points_of_1x_{key}"],
+        ]
+        run = key in ("2x-highres", "4x-highres")
+        assert all(target["run"] == run for target in chain)
+        assert chain[0]["value"] == (
+            result["generation"]["student"][key]["chain_pixel_agreement"] if run else None
+        )
+    for target in found.values():
+        assert isinstance(target["met"], bool) if target.get("run", True) else target["met"] is None
     assert out.with_suffix(".png").is_file()
+
+
+def test_quality_bench_runs_the_chain_alone(bench_folders, tmp_path, monkeypatch):
+    """``--highres only --variants student`` renders above native through the chain alone: no direct
+    generation there, no teacher, no pairs; the run's chain targets are met or not, the others not run.
+    Scales past the default counts (32x: 4096 px for the shipped model) take the last default count."""
+    quality = _load_bench_script("quality", monkeypatch)
+    out = tmp_path / "quality.json"
+    argv = [f"--{name}={path}" for name, path in bench_folders.items() if name != "controlnet"]
+    argv += ["--controlnet", "none", "--lora", "none", "--num-lora", "0", "--scales", "1", "8"]
+    argv += ["--num-prompts", "2", "2", "--steps", "10", "--columns", "2", "--highres", "only"]
+    argv += ["--variants", "student", "--tile-vae", "auto", "--out", str(out)]
+    result = quality.main(argv)
+    assert set(result["generation"]) == {"student"}
+    assert set(result["generation"]["student"]) == {"1x", "8x-highres"}
+    assert result["generation"]["student"]["8x-highres"]["size"] == 128
+    assert len(result["chain_fidelity"]["student"]["8x-highres"]["extra_objects"]) == 2
+    assert result["paired"] is None
+    assert result["config"]["variants"] == ["student"]
+    assert result["config"]["highres"] == {**result["config"]["highres"], "mode": "only", "tile_vae": "auto"}
+    for key, run in (("4x-highres", False), ("8x-highres", True), ("32x-highres", False)):
+        target = result["targets"][f"student_chain_within_5_points_of_1x_{key}"]
+        assert target["run"] == run and isinstance(target["met"], bool) == run
+    assert not any(key.startswith("teacher") for key in result["targets"])
+    args = quality.parse_args(["--scales", "1", "2", "4", "8", "32", "--highres", "only"])
+    assert args.num_prompts == [200, 50, 25, 25, 25] and args.num_control == [50, 10, 0, 0, 0]
+    plan = quality.RunPlan.from_args(args, 128, control=True, lora=False)
+    assert list(plan.runs) == ["1x", "2x-highres", "4x-highres", "8x-highres", "32x-highres"]
+    assert plan.runs["32x-highres"] == (4096, True)
+    assert plan.control_counts == {"1x": 50}
 
 
 def test_quality_bench_sign_test(monkeypatch):
@@ -332,3 +494,36 @@ def test_quality_bench_targets_compare_whole_points(monkeypatch):
     assert not found["teacher_prompt_accuracy_1x_at_least_0.80"]["met"]
     generation["student"]["1x"]["prompt_accuracy"] = 0.69
     assert not quality.targets(generation)["student_within_3_points_of_teacher_1x"]["met"]
+
+
+def test_quality_bench_chain_targets(monkeypatch):
+    """The student's chain targets: whole points against its 1x accuracy, thresholds inclusive,
+    scales not run listed as not run, and the teacher's targets left out without a teacher."""
+    quality = _load_bench_script("quality", monkeypatch)
+    chain = {"chain_pixel_agreement": 0.95, "chain_no_extra_objects": 0.89}
+    student = {"1x": {"prompt_accuracy": 0.70}, "4x-highres": {"prompt_accuracy": 0.65, **chain}}
+    found = quality.targets({"student": student})
+    assert not any("teacher" in key for key in found)
+    assert found["student_chain_within_5_points_of_1x_4x-highres"] == {
+        "native_minus_chain": 0.05,
+        "met": True,
+        "run": True,
+    }
+    assert found["student_chain_pixel_agreement_4x-highres_at_least_0.95"] == {
+        "value": 0.95,
+        "met": True,
+        "run": True,
+    }
+    assert found["student_chain_no_extra_objects_4x-highres_at_least_0.90"]["met"] is False
+    for key in ("8x-highres", "32x-highres"):
+        assert found[f"student_chain_pixel_agreement_{key}_at_least_0.95"] == {
+            "value": None,
+            "met": None,
+            "run": False,
+        }
+    student["4x-highres"]["prompt_accuracy"] = 0.64
+    assert not quality.targets({"student": student})["student_chain_within_5_points_of_1x_4x-highres"]["met"]
+    del student["1x"]
+    assert (
+        quality.targets({"student": student})["student_chain_within_5_points_of_1x_4x-highres"]["met"] is None
+    )

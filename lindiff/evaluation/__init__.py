@@ -11,6 +11,9 @@ accuracy); the classifier's pooled features give a Fréchet distance to real ren
     objects = detect_objects(classifier, images)[0]          # images: (B, 3, H, W) in [-1, 1]
     prompt_correct(parse_caption(prompt), objects)
 
+High-resolution chains: :func:`chain_fidelity` compares each final image, downsampled, with the
+chain's native stage (pixel agreement of the colour maps, extra and missing objects).
+
 Clips: :func:`score_clip` tracks each object the caption names through the frames and compares
 its fitted motion with the caption (``bench/video_quality.py``).
 
@@ -26,7 +29,9 @@ from .detection import (
     connected_components,
     detect_from_logits,
     detect_objects,
+    shape_names,
 )
+from .fidelity import ChainFidelity, chain_fidelity
 from .metrics import (
     EVAL_SEEDS,
     POSITION_SEPARATION,
@@ -44,10 +49,12 @@ __all__ = [
     "EVAL_SEEDS",
     "MIN_AREA",
     "POSITION_SEPARATION",
+    "ChainFidelity",
     "ClassifierOutput",
     "ClipScore",
     "DetectedObject",
     "ShapeClassifier",
+    "chain_fidelity",
     "connected_components",
     "detect_from_logits",
     "detect_objects",
@@ -58,6 +65,7 @@ __all__ = [
     "prompt_correct",
     "prompt_scores",
     "score_clip",
+    "shape_names",
     "stripe_score",
     "track_object",
 ]

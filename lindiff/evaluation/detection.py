@@ -11,6 +11,7 @@ splitting an object in two.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -197,6 +198,13 @@ def as_batch(images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def shape_names(classifier: ShapeClassifier, masks: np.ndarray) -> list[str]:
+    """The shape names ``classifier`` gives objects' masks ``bool (N, H, W)`` (its silhouette network)."""
+    logits = torch.cat([classifier.shape_logits(chunk) for chunk in torch.from_numpy(masks).split(256)])
+    return [classifier.shapes[index] for index in logits.argmax(dim=1).tolist()]
+
+
+@torch.no_grad()
 def detect_objects(
     classifier: ShapeClassifier,
     images: torch.Tensor | Sequence[Image.Image],
@@ -212,11 +220,7 @@ def detect_objects(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     images = as_batch(images)
-
-    def name_shapes(masks: np.ndarray) -> list[str]:
-        logits = torch.cat([classifier.shape_logits(chunk) for chunk in torch.from_numpy(masks).split(256)])
-        return [classifier.shapes[index] for index in logits.argmax(dim=1).tolist()]
-
+    name_shapes = functools.partial(shape_names, classifier)
     results: list[list[DetectedObject]] = []
     for start in range(0, images.shape[0], batch_size):
         colour_logits = classifier(images[start : start + batch_size]).colour_logits
