@@ -76,15 +76,12 @@ def world(name: str = DEFAULT_MODEL) -> ShapesConfig | MotionConfig:
         )
     fields = json.loads(file.read_text(encoding="utf-8"))
 
-    def scenes(values: dict[str, Any]) -> ShapesConfig:
-        return ShapesConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+    def tuples(values: dict[str, Any]) -> dict[str, Any]:  # JSON lists back to the configs' tuples
+        return {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
 
     if "scene" in fields:
-        scene = scenes(fields.pop("scene"))
-        return MotionConfig(
-            scene=scene, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        )
-    return scenes(fields)
+        return MotionConfig(scene=ShapesConfig(**tuples(fields.pop("scene"))), **tuples(fields))
+    return ShapesConfig(**tuples(fields))
 
 
 def motion_pipeline(**kwargs: Any) -> Any:
