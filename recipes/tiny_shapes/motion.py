@@ -112,9 +112,7 @@ def zero_motion_outputs(adapter: MotionAdapter) -> None:
 class _ClipBatches:
     """Batch ``step`` of clip latents, caption ids (half reversed in time, 10% empty) and noise.
 
-    Timesteps are drawn as ``T (1 - u^2)``, ``u`` uniform: 71% fall in the noisier half, where a
-    clip's layout, background and motion are decided (the image model already denoises each frame
-    well at low noise, and epsilon loss weighs the noisy steps least).
+    Timesteps are uniform over the training schedule.
     """
 
     def __init__(
