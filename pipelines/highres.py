@@ -51,7 +51,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ..denoisers import main_denoiser, pipeline_adapter
-from .memory import chunked_feed_forward, sequential_halves, vae_needs_tiling, vae_tiling
+from . import vae_attention
+from .memory import chunked_feed_forward, sequential_halves, vae_tile_size, vae_tiling
 from .sdedit import sdedit_scheduler, stage_strengths
 from .skip_residual import SkipResidual
 from .stages import Stage, chain_stages, is_int, plan_stages
@@ -129,6 +130,7 @@ class HighResRequest:
     strengths: list[float]
     skip_residual: bool | float = False
     tile_vae: bool | str = "auto"
+    local_vae_attention: bool | str = "auto"
     image: Any = None
     controlnet_conditioning_scale: float | list[float] = 1.0
     cross_attention_kwargs: dict[str, Any] | None = None
@@ -162,6 +164,10 @@ class HighResRequest:
             raise ValueError(f"skip_residual must be a bool or a positive exponent, got {skip!r}")
         if not isinstance(self.tile_vae, bool) and self.tile_vae != "auto":
             raise ValueError(f"tile_vae must be True, False or 'auto', got {self.tile_vae!r}")
+        if not isinstance(self.local_vae_attention, bool) and self.local_vae_attention != "auto":
+            raise ValueError(
+                f"local_vae_attention must be True, False or 'auto', got {self.local_vae_attention!r}"
+            )
         reserved = sorted(_RESERVED & self.kwargs.keys())
         if reserved:
             raise ValueError(
@@ -398,6 +404,7 @@ class HighResPipeline:
         native_size: int | None = None,
         skip_residual: bool | float = False,
         tile_vae: bool | str = "auto",
+        local_vae_attention: bool | str = "auto",
         image: Any = None,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -424,7 +431,13 @@ class HighResPipeline:
             skip_residual: DemoFusion's skip residual in the SDEdit stages; ``True`` uses the
                 exponent :data:`SKIP_RESIDUAL_POWER`, a float sets it.
             tile_vae: tiled VAE encode/decode; ``"auto"`` tiles only when an untiled pass at the
-                final size would take more than half the free memory (:func:`vae_needs_tiling`).
+                final size would take more than half the free memory, in tiles as large as that
+                allows (:func:`~lindiff.pipelines.memory.vae_tile_size`).
+            local_vae_attention: the VAE's middle-block attention as local attention on grids of
+                more than :data:`~lindiff.pipelines.vae_attention.VAE_ATTENTION_TOKENS` latent
+                pixels (:mod:`~lindiff.pipelines.vae_attention`: linear time, results within
+                rounding of the full attention at 2048 px); ``"auto"``: when the final size has
+                that many, for a VAE that has such a block.
             image: the ControlNet condition (one per ControlNet), resized to every stage's size.
             controlnet_conditioning_scale: as in the ControlNet pipelines.
             cross_attention_kwargs: e.g. ``{"scale": 0.5}`` for LoRA; passed as the pipeline's
@@ -457,6 +470,7 @@ class HighResPipeline:
             strengths=strengths,
             skip_residual=skip_residual,
             tile_vae=tile_vae,
+            local_vae_attention=local_vae_attention,
             image=image,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
             cross_attention_kwargs=cross_attention_kwargs,
@@ -487,14 +501,25 @@ class HighResPipeline:
 
     @contextlib.contextmanager
     def _memory_savers(self, request: HighResRequest, final_size: tuple[int, int]) -> Iterator[None]:
-        """VAE tiling (decided for ``final_size`` when ``"auto"``) and feed-forward chunking for the call."""
-        tile = request.tile_vae
+        """VAE tiling and local VAE attention (decided for ``final_size`` when ``"auto"``) and
+        feed-forward chunking for the call."""
+        vae, (height, width) = self.pipe.vae, final_size
+        tile, tile_size = request.tile_vae, None
         if tile == "auto":
-            height, width = final_size
             frames = request.batch_size * (request.num_frames or 1)  # a video frame costs about an image
-            tile = vae_needs_tiling(self.pipe.vae, frames, height, width, self.pipe._execution_device)
+            tile_size = vae_tile_size(vae, frames, height, width, self.pipe._execution_device)
+            tile = tile_size is not None
+        local = request.local_vae_attention
+        tokens = vae_attention.vae_attention_tokens(vae, height, width)
+        if local is True and tokens is None:
+            raise ValueError(
+                f"local_vae_attention=True needs a VAE with a middle-block attention; {type(vae).__name__} has none"
+            )
+        if local == "auto":
+            local = tokens is not None and tokens > vae_attention.VAE_ATTENTION_TOKENS
         with contextlib.ExitStack() as stack:
-            stack.enter_context(vae_tiling(self.pipe.vae, tile))
+            stack.enter_context(vae_tiling(vae, tile, tile_size))
+            stack.enter_context(vae_attention.local_vae_attention(vae, local))
             if request.feed_forward_chunk_size is not None:
                 stack.enter_context(
                     chunked_feed_forward(self._denoising_models, request.feed_forward_chunk_size)

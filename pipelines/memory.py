@@ -1,7 +1,7 @@
 """Memory savers for the duration of one pipeline call, undone when the call ends.
 
-:func:`vae_tiling` switches the VAE to tiled encode/decode (:func:`vae_needs_tiling` says when it
-must); :func:`sequential_halves` runs models on the two halves of their batch (the
+:func:`vae_tiling` switches the VAE to tiled encode/decode (:func:`vae_tile_size` says when it
+must, and in which tiles); :func:`sequential_halves` runs models on the two halves of their batch (the
 classifier-free-guidance halves) in turn; :func:`chunked_feed_forward` runs every ``FeedForward``
 over chunks of tokens. The last two are diffusers hooks
 (:class:`~diffusers.hooks.HookRegistry`), removed when the block ends.
@@ -28,7 +28,7 @@ VAE_ACTIVATIONS = 4
 :func:`untiled_vae_bytes` counts as alive at once (input, normalised, convolved, residual)."""
 
 VAE_MEMORY_SHARE = 0.5
-"""Share of the free memory an untiled VAE pass may take before :func:`vae_needs_tiling` tiles."""
+"""Share of the free memory an untiled VAE pass may take before :func:`vae_tile_size` tiles."""
 
 _SEQUENTIAL_HOOK = "lindiff_sequential_batch"
 _FEED_FORWARD_HOOK = "lindiff_chunked_feed_forward"
@@ -172,24 +172,49 @@ def free_memory(device: torch.device | str) -> int | None:
         return None
 
 
-def vae_needs_tiling(vae: nn.Module, batch: int, height: int, width: int, device: torch.device | str) -> bool:
-    """Whether an untiled VAE pass over ``batch`` images of ``height x width`` px would take more
-    than :data:`VAE_MEMORY_SHARE` of ``device``'s free memory (``True`` when either is unknown,
-    ``False`` for a VAE that cannot tile).
+def vae_tile_size(
+    vae: nn.Module, batch: int, height: int, width: int, device: torch.device | str
+) -> int | None:
+    """The side (px) of the tiles a VAE pass over ``batch`` images of ``height x width`` px should
+    use, or ``None`` to run it untiled (always ``None`` for a VAE that cannot tile).
 
-    Tiling costs quality where tiles are small (every tile is normalised on its own, so colours
-    shift between the 128 px tiles of a small VAE), so ``tile_vae="auto"`` tiles only when needed.
+    It tiles when an untiled pass would take more than :data:`VAE_MEMORY_SHARE` of ``device``'s
+    free memory (or when the free memory or the VAE's widths are unknown), in tiles as large as
+    the share allows: every tile is normalised on its own, so small tiles shift colours and
+    latents (the 128 px tiles of a small VAE). A VAE whose tile size cannot be set (not
+    ``AutoencoderKL``-like) tiles at its own size.
     """
     if getattr(vae, "use_tiling", None) is None:
-        return False
+        return None
     needed = untiled_vae_bytes(vae, batch, height, width)
     free = free_memory(device)
-    return needed is None or free is None or needed > VAE_MEMORY_SHARE * free
+    if needed is not None and free is not None and needed <= VAE_MEMORY_SHARE * free:
+        return None
+    config = getattr(vae, "config", {})
+    if not hasattr(vae, "tile_sample_min_size"):
+        return int(config.get("sample_size") or max(height, width))
+    widths = config.get("block_out_channels") or (0,) * 4
+    # diffusers' tiles overlap by a quarter and put their rows together assuming the quarter is
+    # a whole number of latent pixels: a side of 4 * factor * k gives an image of the right size.
+    step = 4 * 2 ** (len(widths) - 1)
+    smallest = max(step, int(config.get("sample_size") or step) // step * step)
+    if needed is None or free is None:
+        return smallest
+    # Activations grow with the area: the largest square tile that fits the share.
+    fits = int(max(height, width) * (VAE_MEMORY_SHARE * free / needed) ** 0.5)
+    return max(smallest, fits // step * step)
+
+
+def vae_needs_tiling(vae: nn.Module, batch: int, height: int, width: int, device: torch.device | str) -> bool:
+    """Whether :func:`vae_tile_size` tiles a VAE pass over ``batch`` images of ``height x width`` px."""
+    return vae_tile_size(vae, batch, height, width, device) is not None
 
 
 @contextlib.contextmanager
-def vae_tiling(vae: nn.Module, enabled: bool) -> Iterator[None]:
-    """Tiled (or untiled) VAE encode/decode for the duration of the block; the previous setting afterwards."""
+def vae_tiling(vae: nn.Module, enabled: bool, tile_size: int | None = None) -> Iterator[None]:
+    """Tiled (or untiled) VAE encode/decode for the duration of the block, in tiles of ``tile_size``
+    px where given (an ``AutoencoderKL``-like VAE; ``None``: its own size); the previous settings
+    afterwards."""
     previous = getattr(vae, "use_tiling", None)
     if previous is None:
         if enabled:
@@ -198,8 +223,18 @@ def vae_tiling(vae: nn.Module, enabled: bool) -> Iterator[None]:
             )
         yield
         return
+    sizes = {
+        name: getattr(vae, name)
+        for name in ("tile_sample_min_size", "tile_latent_min_size")
+        if hasattr(vae, name)
+    }
     vae.enable_tiling() if enabled else vae.disable_tiling()
+    if enabled and tile_size is not None and len(sizes) == 2:
+        factor = sizes["tile_sample_min_size"] // max(1, sizes["tile_latent_min_size"])
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
     try:
         yield
     finally:
         vae.use_tiling = previous
+        for name, value in sizes.items():
+            setattr(vae, name, value)

@@ -232,10 +232,12 @@ def test_auto_vae_tiling_tiles_only_when_memory_is_short(sd, monkeypatch):
         assert decode.call_count == 0
         monkeypatch.setattr(memory, "free_memory", lambda device: 2 * needed - 1)
         assert chain(sd).images.shape == untiled.shape
-        assert decode.call_count == 2
+        # Tiles as large as half the free memory allows: just below the final size, so only the
+        # last stage's decode is tiled.
+        assert decode.call_count == 1
         monkeypatch.setattr(memory, "free_memory", lambda device: None)  # unknown: tile, to be safe
-        chain(sd)
-        assert decode.call_count == 4
+        assert chain(sd).images.shape == untiled.shape
+        assert decode.call_count == 3  # in the VAE's own 16 px tiles: stages 2 and 3
     assert vae.use_tiling is False
 
 
@@ -474,3 +476,71 @@ def test_pixart_rejects_skip_residual():
         ValueError, match="skip_residual needs callback_on_step_end, which PixArtAlphaPipeline lacks"
     ):
         hr(tiny_dit_models.PROMPT, height=32, width=48, num_inference_steps=STEPS, skip_residual=True)
+
+
+def test_auto_local_vae_attention_above_the_token_threshold(sd, monkeypatch):
+    """Above VAE_ATTENTION_TOKENS latent pixels at the final size the chain's VAE attention turns
+    local for the call (exact below the threshold), and its processors come back afterwards."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from lindiff.pipelines import vae_attention
+
+    vae = sd.pipe.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    tokens = vae_attention.vae_attention_tokens(vae, HEIGHT, WIDTH)
+    assert tokens == (HEIGHT // factor) * (WIDTH // factor)
+    assert vae_attention.vae_attention_radius(vae) == vae.config.sample_size // factor
+    reference = chain(sd).images  # far below the threshold: untouched
+    assert chain(sd, local_vae_attention=True).images.shape == reference.shape
+    seen = []
+    calls = vae_attention.LocalVAEAttnProcessor.__call__
+
+    def spy(self, attn, hidden_states, *args, **kwargs):
+        seen.append(hidden_states.shape[-2] * hidden_states.shape[-1])
+        return calls(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(vae_attention.LocalVAEAttnProcessor, "__call__", spy)
+    monkeypatch.setattr(vae_attention, "VAE_ATTENTION_TOKENS", tokens - 1)
+    local = chain(sd).images
+    assert seen and max(seen) == tokens
+    assert (local - reference).abs().max() > 0  # the last stage's VAE passes saw a window
+    assert all(isinstance(p, AttnProcessor2_0) for p in vae.attn_processors.values())
+    seen.clear()
+    chain(sd, local_vae_attention=False)
+    assert not seen
+    with pytest.raises(ValueError, match="local_vae_attention must be True, False or 'auto', got 'on'"):
+        chain(sd, local_vae_attention="on")
+
+
+def test_local_vae_attention_is_full_attention_when_the_window_covers_the_grid():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from lindiff.pipelines.vae_attention import LocalVAEAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8, norm_num_groups=4, residual_connection=True, bias=True)
+    attn.eval()
+    x = torch.randn(2, 16, 6, 7)
+    with torch.no_grad():
+        full = AttnProcessor2_0()(attn, x)
+        covering = LocalVAEAttnProcessor(radius=10.0, full_below=0)(attn, x)
+        exact_below = LocalVAEAttnProcessor(radius=1.0, full_below=42)(attn, x)
+        window = LocalVAEAttnProcessor(radius=1.0, full_below=0)(attn, x)
+    torch.testing.assert_close(covering, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exact_below, full, rtol=1e-5, atol=1e-5)
+    assert (window - full).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="takes a VAE block's"):
+        LocalVAEAttnProcessor()(attn, x.flatten(2).transpose(1, 2))
+
+
+def test_memory_bound_tiles_are_as_large_as_the_share_allows(sd, monkeypatch):
+    from lindiff.pipelines import memory
+
+    vae = sd.pipe.vae
+    needed = memory.untiled_vae_bytes(vae, 1, 8 * HEIGHT, 8 * WIDTH)
+    monkeypatch.setattr(memory, "free_memory", lambda device: needed // 2)  # a quarter of the area fits
+    side = memory.vae_tile_size(vae, 1, 8 * HEIGHT, 8 * WIDTH, "cpu")
+    factor = vae.tile_sample_min_size // vae.tile_latent_min_size
+    assert side % (4 * factor) == 0 and side <= 4 * max(HEIGHT, WIDTH) and side >= vae.config.sample_size
+    monkeypatch.setattr(memory, "free_memory", lambda device: None)
+    assert memory.vae_tile_size(vae, 1, HEIGHT, WIDTH, "cpu") == vae.config.sample_size  # unknown: smallest
