@@ -37,6 +37,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from lindiff import linearize, save_weights
 from lindiff.assets import WORLD_FILE
+from lindiff.distill import DistillConfig
 from lindiff.version import __version__
 
 from . import architectures
@@ -135,6 +136,51 @@ class BuildPlan:
             unet_optimizer="muon",
             batch=2,
         )
+
+
+def student_images(work: Path, plan: BuildPlan, seed: int) -> Path:
+    """The student stage's training images: ``plan.student_images`` scenes in ``work/student-data``."""
+    return write_folder(
+        work / "student-data", plan.student_images, seed=seed + 2_000_000, config=architectures.TRAINING_WORLD
+    )
+
+
+def student_config(
+    teacher: StableDiffusionPipeline,
+    images: Path,
+    output_dir: Path,
+    plan: BuildPlan,
+    seed: int,
+    device: torch.device,
+    mid_dim: int | None = None,
+) -> DistillConfig:
+    """The student stage's distillation of ``teacher`` into LinFusion.
+
+    The self-attention projections train with the new layers, and every other step sees the
+    latents up-sampled 2x (``plan.student_scales``), the token grids of the high-resolution chain
+    (see README.md). ``mid_dim`` is the width of LinFusion's q/k MLPs (``None``: each layer's own
+    width, what ships; ``bench/linfusion_width.py`` compares others).
+    """
+    return DistillConfig(
+        model=teacher,
+        output_dir=output_dir,
+        image_folder=str(images),
+        trainable="attention",
+        method_options={} if mid_dim is None else {"mid_dim": mid_dim},
+        resolution=architectures.NATIVE_SIZE,
+        latent_scales=list(plan.student_scales),
+        max_steps=plan.student_steps,
+        batch_size=plan.batch,
+        learning_rate=1e-3,
+        lr_warmup_steps=min(30, plan.student_steps),
+        lr_scheduler="cosine",
+        checkpoint_every=100,
+        validation_every=0,
+        log_with="none",
+        seed=seed,
+        resume=True,
+        cpu=device.type == "cpu",
+    )
 
 
 class Build:
@@ -290,35 +336,12 @@ class Build:
         )
 
     def stage_student(self) -> None:
-        """Distil the LinFusion student: the self-attention projections train with the new layers,
-        and every other step sees the latents up-sampled 2x (``plan.student_scales``), the token
-        grids of the high-resolution chain (see README.md)."""
-        from lindiff.distill import DistillConfig, distill
+        """Distil the LinFusion student (:func:`student_config`)."""
+        from lindiff.distill import distill
 
-        images = write_folder(
-            self.work / "student-data",
-            self.plan.student_images,
-            seed=self.seed + 2_000_000,
-            config=architectures.TRAINING_WORLD,
-        )
-        config = DistillConfig(
-            model=self.pipeline(),
-            output_dir=self.work / "runs" / "student",
-            image_folder=str(images),
-            trainable="attention",
-            resolution=architectures.NATIVE_SIZE,
-            latent_scales=list(self.plan.student_scales),
-            max_steps=self.plan.student_steps,
-            batch_size=self.plan.batch,
-            learning_rate=1e-3,
-            lr_warmup_steps=min(30, self.plan.student_steps),
-            lr_scheduler="cosine",
-            checkpoint_every=100,
-            validation_every=0,
-            log_with="none",
-            seed=self.seed,
-            resume=True,
-            cpu=self.device.type == "cpu",
+        images = student_images(self.work, self.plan, self.seed)
+        config = student_config(
+            self.pipeline(), images, self.work / "runs" / "student", self.plan, self.seed, self.device
         )
         result = distill(config)
         if result.weights is None:
