@@ -527,3 +527,44 @@ def test_quality_bench_chain_targets(monkeypatch):
     assert (
         quality.targets({"student": student})["student_chain_within_5_points_of_1x_4x-highres"]["met"] is None
     )
+
+
+@pytest.mark.slow
+def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, capsys):
+    """bench/scaling.py --quick, cut down: every row has a breakdown that adds up to its run, a tiny
+    softmax cap leaves the larger size "not run", and a rerun takes every row from the .jsonl."""
+    scaling = _load_bench_script("scaling", monkeypatch)
+    out = tmp_path / "scaling.json"
+    argv = ["--quick", "--steps", "4", "--dit-sizes", "256", "--pixart-blocks", "1"]
+    argv += ["--softmax-cap-s", "0.001", "--no-progress", "--out", str(out)]
+    result = scaling.main(argv)
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    rows = {(row["section"], row["method"], row["size"]): row for row in result["rows"]}
+    chain = {("chain", method, size) for method in ("linfusion", "softmax") for size in (256, 512)}
+    assert set(rows) == chain | {("dit", method, 256) for method in ("softmax", "clear", "lit")}
+    capped = rows["chain", "softmax", 512]
+    assert capped["status"] == "not run" and "over the 0.001 s cap" in capped["reason"]
+    assert "wall_s" not in capped
+    for row in result["rows"]:
+        if row["status"] == "ok":
+            parts = row["breakdown"]
+            assert parts["consistent"] and parts["sum_s"] == pytest.approx(parts["wall_s"])
+            assert parts["attention_s"] > 0 and row["peak_rss_mib"] > 0
+    assert rows["chain", "linfusion", 512]["stage_sizes"] == [128, 256, 512]
+    assert rows["chain", "linfusion", 512]["breakdown"]["vae_s"] > 0
+    assert result["complete"] and not result["interrupted"]
+    assert {target["met"] for target in result["targets"]} == {None}  # no row at a target's size
+
+    def measure(*args, **kwargs):
+        raise AssertionError("a finished row was measured again")
+
+    monkeypatch.setattr(scaling, "Chain", measure)
+    monkeypatch.setattr(scaling, "DiTStep", measure)
+    assert scaling.main(argv)["rows"] == result["rows"]
+    capsys.readouterr()
+    scaling.main(["--markdown", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| tiny-shapes chain | softmax | 512 px | not run: softmax at 256 px took" in table
+    with pytest.raises(SystemExit, match="other settings"):
+        scaling.main([*argv, "--pixart-blocks", "2"])
