@@ -8,8 +8,8 @@ normalised on its own: the embedded model's encoder moves its latents by a third
 size with 1024 px tiles at 2048 px. Local attention keeps the whole image in one pass and lets
 each latent pixel see the disc of pixels as wide as the VAE's training images (its config's
 ``sample_size``), which is all it ever saw there: at 2048 px, the embedded VAE's latents move
-by 0.5% of their mean size and the decoded image by 0.0015 on average (of 2), while the encode
-takes 2.6x less time (bench/README.md, "The VAE's attention at high resolution").
+by 0.5% of their mean size and the decoded image by 0.0015 on average (of 2), while encode and
+decode take 2-4x less time (bench/README.md, "The VAE's attention at high resolution").
 """
 
 from __future__ import annotations
