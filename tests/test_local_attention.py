@@ -18,7 +18,7 @@ from lindiff.kernels.local_attention import (
     plan_cache_info,
     window_mask,
 )
-from lindiff.kernels.local_attention.chunked import local_attention_chunked
+from lindiff.kernels.local_attention.chunked import choose_fused_box, local_attention_chunked
 from lindiff.kernels.local_attention.flex import build_plan, get_plan, local_attention_flex
 from lindiff.kernels.local_attention.reference import Window, as_grid3, radius_threshold, window_geometry
 from lindiff.kernels.local_attention.tiling import (
@@ -88,13 +88,16 @@ def test_chunked_matches_reference(grid, radius, num_global, layout):
     )
     assert out.shape == ref.shape and lse.shape == ref_lse.shape and lse.dtype == torch.float32
     assert rel_err(out, ref) < TOL[torch.float32] and rel_err(lse, ref_lse) < TOL[torch.float32]
-    # A small score budget forces many query boxes (single cells on small grids); same result.
+    # A small budget forces many query boxes (single cells on small grids); same result, on the
+    # fused kernel and on the einsum path.
     grid3 = as_grid3(grid)
     budget = 1 if math.prod(grid) <= 64 else 20_000
-    small = local_attention_chunked(
-        q, k, v, grid3, window_geometry(radius, None, grid3), global_kv, 8**-0.5, layout, budget=budget
-    )
-    assert rel_err(small, ref) < TOL[torch.float32]
+    window = window_geometry(radius, None, grid3)
+    for fused in (True, False):
+        small = local_attention_chunked(
+            q, k, v, grid3, window, global_kv, 8**-0.5, layout, budget=budget, fused=fused
+        )
+        assert rel_err(small, ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -155,8 +158,9 @@ def test_chunked_cylinder_matches_reference(grid, radius, frames_radius, num_glo
     assert rel_err(out, ref) < TOL[torch.float64] and rel_err(lse, ref_lse) < TOL[torch.float64]
     grid3 = as_grid3(grid)
     window = window_geometry(radius, frames_radius, grid3)
-    small = local_attention_chunked(q, k, v, grid3, window, global_kv, 8**-0.5, budget=1)
-    assert rel_err(small, ref) < TOL[torch.float64]
+    for fused in (True, False):
+        small = local_attention_chunked(q, k, v, grid3, window, global_kv, 8**-0.5, budget=1, fused=fused)
+        assert rel_err(small, ref) < TOL[torch.float64]
     # A cylinder is not the ball (except on one frame or where either covers everything).
     ball = local_attention_reference(q, k, v, grid, radius, global_kv)
     assert (rel_err(ball, ref) < TOL[torch.float64]) == (
@@ -375,28 +379,28 @@ def test_dtypes(dtype, backend):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 @pytest.mark.parametrize(
-    ("grid", "radius", "frames_radius", "num_global"),
-    [((7, 9), 2, None, 3), ((3, 4, 5), 1.5, None, 0), ((4, 4, 5), 1.5, 1, 2)],
+    ("grid", "radius", "frames_radius", "num_global", "budget"),
+    [
+        ((7, 9), 2, None, 3, 1 << 24),
+        ((7, 9), 2, None, 3, 200),
+        ((3, 4, 5), 1.5, None, 0, 1),
+        ((4, 4, 5), 1.5, 1, 2, 1 << 24),
+    ],
 )
-def test_chunked_gradients_match_reference(grid, radius, frames_radius, num_global, layout):
+def test_chunked_gradients_match_reference(grid, radius, frames_radius, num_global, budget, layout, fused):
+    """float64 gradients of the output and the lse, on the fused kernel and the einsum path."""
     inputs = make_inputs(grid, num_global, layout, batch=2, heads=2, dim=6, dim_v=4, dtype=torch.float64)
     q, k, v, global_kv = inputs
     leaves = [q, k, v, *(global_kv or ())]
     for t in leaves:
         t.requires_grad_(True)
-    out, lse = local_attention(
-        q,
-        k,
-        v,
-        grid=grid,
-        radius=radius,
-        frames_radius=frames_radius,
-        global_kv=global_kv,
-        layout=layout,
-        scale=0.3,
-        return_lse=True,
+    grid3 = as_grid3(grid)
+    window = window_geometry(radius, frames_radius, grid3)
+    out, lse = local_attention_chunked(
+        q, k, v, grid3, window, global_kv, 0.3, layout, return_lse=True, budget=budget, fused=fused
     )
     ref, ref_lse = local_attention_reference(
         q, k, v, grid, radius, global_kv, layout, 0.3, return_lse=True, frames_radius=frames_radius
@@ -406,6 +410,75 @@ def test_chunked_gradients_match_reference(grid, radius, frames_radius, num_glob
     want = torch.autograd.grad((ref * grad_out).sum() + (ref_lse * grad_lse).sum(), leaves)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("dtype", "dim", "dim_v", "loss"),
+    [
+        (torch.float32, 8, 8, "out"),
+        (torch.float32, 4, 7, "lse"),
+        (torch.float32, 8, 5, "both"),
+        (torch.bfloat16, 16, 16, "both"),
+    ],
+)
+def test_fused_gradients_in_lower_precision(dtype, dim, dim_v, loss):
+    """The fused kernel's backward (computed in float32) for either output alone, and value widths
+    above and below the query width (padded for the kernel)."""
+    grid = (9, 11)
+    q, k, v, (k_g, v_g) = make_inputs(grid, 3, batch=1, heads=2, dim=dim, dim_v=dim_v, dtype=dtype)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, k_g, v_g)]
+    out, lse = local_attention(q, k, v, grid=grid, radius=2.5, global_kv=(k_g, v_g), return_lse=True)
+    floats = [t.detach().float().requires_grad_(True) for t in leaves]
+    ref, ref_lse = local_attention_reference(*floats[:3], grid, 2.5, tuple(floats[3:]), return_lse=True)
+    grad_out, grad_lse = torch.randn_like(ref), torch.randn_like(ref_lse)
+
+    def objective(o, s):
+        terms = {"out": (o.float() * grad_out).sum(), "lse": (s * grad_lse).sum()}
+        return terms[loss] if loss in terms else terms["out"] + terms["lse"]
+
+    got = torch.autograd.grad(objective(out, lse), leaves)
+    # The lse does not depend on the values: their gradients are zero.
+    want = torch.autograd.grad(objective(ref, ref_lse), floats, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert loss == "lse" and not g.any()
+        else:
+            assert g.dtype == dtype and rel_err(g, w) < 5 * TOL[dtype]
+
+
+def test_chunked_runs_the_einsum_path_without_the_fused_kernel(monkeypatch):
+    """Where torch lacks the fused CPU kernel, the einsum path runs (same result); ``fused=True`` raises."""
+    package = importlib.import_module("lindiff.kernels.local_attention.chunked")
+    calls = []
+    einsum = package._einsum_attention
+    monkeypatch.setattr(package, "fused_available", lambda: False)
+    monkeypatch.setattr(package, "_einsum_attention", lambda *a: calls.append(1) or einsum(*a))
+    grid = (6, 7)
+    q, k, v, global_kv = make_inputs(grid, 2)
+    out = local_attention(q, k, v, grid=grid, radius=2, global_kv=global_kv)
+    assert calls and rel_err(out, local_attention_reference(q, k, v, grid, 2, global_kv)) < TOL[torch.float32]
+    grid3 = as_grid3(grid)
+    with pytest.raises(ValueError, match="fused=True needs CPU tensors"):
+        local_attention_chunked(q, k, v, grid3, window_geometry(2, None, grid3), None, 0.5, fused=True)
+
+
+@pytest.mark.parametrize(
+    ("grid", "radius", "frames_radius", "num_global", "budget"),
+    [
+        ((1, 64, 64), 15.97, None, 0, 1 << 24),
+        ((1, 128, 128), 15.97, None, 300, 1 << 24),
+        ((1, 64, 64), 15.97, None, 300, 50_000),
+        ((21, 30, 52), 7.9, math.inf, 0, 1 << 24),
+        ((21, 30, 52), 7.9, 2, 77, 1 << 20),
+        ((3, 4, 5), 1, None, 0, 1),
+    ],
+)
+def test_fused_box_keeps_its_mask_in_the_budget(grid, radius, frames_radius, num_global, budget):
+    window = window_geometry(radius, frames_radius, grid)
+    box = choose_fused_box(grid, window, num_global, budget)
+    keys = math.prod(min(g, s + 2 * r) for g, s, r in zip(grid, box, window.reach, strict=True))
+    assert all(1 <= s <= g for s, g in zip(box, grid, strict=True))
+    assert math.prod(box) * (keys + num_global) <= budget or box == (1, 1, 1)
 
 
 def test_return_lse_merges_window_and_global_parts():

@@ -2,7 +2,8 @@
 
 The op dispatches on the device of its inputs: CUDA tensors run FlexAttention with block masks
 built from the window geometry (``flex.py``, ``tiling.py``); anything else runs the exact
-chunked PyTorch path (``chunked.py``). Both are tested against the dense reference in
+chunked PyTorch path (``chunked.py``: boxes of the grid, on CPU through PyTorch's fused
+flash-attention kernel). Both are tested against the dense reference in
 ``reference.py``. Where compiled FlexAttention reaches Dynamo's recompile limit (too many
 geometries in one process), the call warns and runs the chunked path, never FlexAttention's
 eager fall-back with its dense ``N x N`` scores.
