@@ -76,6 +76,7 @@ from lindiff.pipelines.batch import DEFAULT_GUIDANCE, DEFAULT_STEPS, Renderer, R
 from lindiff.pipelines.loading import SOFTMAX, load_pipeline, resolve_weights
 from lindiff.pipelines.memory import vae_needs_tiling
 from lindiff.pipelines.peak_memory import PeakMemory
+from lindiff.pipelines.sdedit import default_strengths
 from lindiff.pipelines.vae_attention import VAE_ATTENTION_TOKENS, vae_attention_tokens
 
 PROMPT = "a red circle above a blue square"
@@ -459,7 +460,9 @@ class Journal:
     """Finished rows, one JSON line each after a first line of settings; a rerun skips those rows.
 
     Raises:
-        SystemExit: the file was written with other settings (rerun with ``--fresh`` or another ``--out``).
+        SystemExit: the file was written with other device, dtype or profiling settings (rerun
+            with ``--fresh`` or another ``--out``); rows of a section whose own settings changed
+            are dropped and measured again.
     """
 
     def __init__(self, path: Path, settings: dict[str, Any], fresh: bool) -> None:
@@ -478,11 +481,22 @@ class Journal:
             self._append({"settings": settings})
             return
         header, *finished = records
-        if header.get("settings") != settings:
+        old = header.get("settings", {})
+        common = [key for key in settings if key not in METHODS]
+        if any(old.get(key) != settings[key] for key in common):
             raise SystemExit(
-                f"{path} holds rows measured with other settings ({header.get('settings')}, now "
+                f"{path} holds rows measured with other settings ({old}, now "
                 f"{settings}); rerun with --fresh to start over, or give another --out"
             )
+        # A section whose own settings changed (e.g. the chain's default strengths) is measured
+        # again; the other section's rows stay.
+        stale = sorted(section for section in METHODS if old.get(section) != settings.get(section))
+        if stale:
+            print(f"{path}: the {' and '.join(stale)} settings changed; those rows are measured again")
+            finished = [row for row in finished if row["section"] not in stale]
+            path.write_text("")
+            for record in [{"settings": settings}, *finished]:
+                self._append(record)
         self.rows = {row_key(r["section"], r["model"], r["method"], r["size"]): r for r in finished}
 
     def _append(self, record: dict[str, Any]) -> None:
@@ -880,7 +894,13 @@ def settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "device": device_label(device),
         "dtype": args.dtype,
         "profile": args.profile,
-        "chain": {"prompt": PROMPT, "seed": SEED, "steps": args.steps, "guidance": args.guidance},
+        "chain": {
+            "prompt": PROMPT,
+            "seed": SEED,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "strengths": default_strengths(8),  # the chain's default, 128 to 8192 px
+        },
         "dit": {"pixart_blocks": args.pixart_blocks, "repeats": args.dit_repeats, "batch": 1},
     }
 

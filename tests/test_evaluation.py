@@ -559,6 +559,7 @@ def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, cap
     def measure(*args, **kwargs):
         raise AssertionError("a finished row was measured again")
 
+    dit_step = scaling.DiTStep
     monkeypatch.setattr(scaling, "Chain", measure)
     monkeypatch.setattr(scaling, "DiTStep", measure)
     assert scaling.main(argv)["rows"] == result["rows"]
@@ -567,4 +568,13 @@ def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, cap
     table = capsys.readouterr().out
     assert "| tiny-shapes chain | softmax | 512 px | not run: softmax at 256 px took" in table
     with pytest.raises(SystemExit, match="other settings"):
-        scaling.main([*argv, "--pixart-blocks", "2"])
+        scaling.main([*argv, "--no-profile"])
+    # A section's own settings changed: its rows are measured again, the other section's stay.
+    monkeypatch.setattr(scaling, "DiTStep", dit_step)
+    rerun = {
+        (row["section"], row["method"], row["size"]): row
+        for row in scaling.main([*argv, "--pixart-blocks", "2"])["rows"]
+    }
+    assert rerun["chain", "linfusion", 512] == rows["chain", "linfusion", 512]
+    assert rerun["dit", "clear", 256]["wall_s"] != rows["dit", "clear", 256]["wall_s"]
+    assert "the dit settings changed" in capsys.readouterr().out
