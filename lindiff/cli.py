@@ -363,9 +363,8 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile",
         action=argparse.BooleanOptionalAction,
-        help="tiled VAE decoding (less memory and time at large sizes; default: in the high-resolution "
-        "chain when an untiled pass would take over half the free memory or its attention would see more "
-        "than a 1024 px image)",
+        help="tiled VAE decoding (less memory at large sizes; default: in the high-resolution chain when "
+        "an untiled pass would take over half the free memory)",
     )
     parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     parser.add_argument(
