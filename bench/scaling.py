@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -754,8 +755,12 @@ def verdict(met: bool | None) -> str:
     return {True: "met", False: "not met", None: "not run"}[met]
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
-    """Time and time per megapixel against megapixels (log-log), one line per model and method."""
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """Time and time per megapixel against megapixels (log-log), one line per model and method;
+    ``None`` (with a note) without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot (the JSON has every number)")
+        return None
     import matplotlib
     import matplotlib.ticker
 
@@ -952,9 +957,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarize(rows, args, device, complete=not interrupted)
     result["interrupted"] = interrupted
     save_results(result, path)
-    plot(result, path.with_suffix(".png"))
+    png = plot(result, path.with_suffix(".png"))
     print(markdown(result))
-    print(f"saved {path} and {path.with_suffix('.png').name}")
+    print(f"saved {path}" + (f" and {png.name}" if png else ""))
     if interrupted:
         print(f"interrupted; the finished rows are in {journal.path}: run the same command to go on")
     return result

@@ -539,7 +539,8 @@ def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, cap
     argv += ["--softmax-cap-s", "0.001", "--no-progress", "--out", str(out)]
     result = scaling.main(argv)
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    assert out.with_suffix(".png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra
+        assert out.with_suffix(".png").stat().st_size > 0
     rows = {(row["section"], row["method"], row["size"]): row for row in result["rows"]}
     chain = {("chain", method, size) for method in ("linfusion", "softmax") for size in (256, 512)}
     assert set(rows) == chain | {("dit", method, 256) for method in ("softmax", "clear", "lit")}
