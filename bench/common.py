@@ -33,11 +33,15 @@ def device_label(device: torch.device, short: bool = False) -> str:
     return name
 
 
+def results_path(path: str | Path) -> Path:
+    """``path``, or ``bench/results/<path>`` for a bare file name."""
+    path = Path(path)
+    return RESULTS / path if path.parent == Path(".") else path
+
+
 def save_results(result: dict, path: str | Path) -> Path:
     """Write ``result`` as JSON; a bare file name goes to ``bench/results/``."""
-    path = Path(path)
-    if path.parent == Path("."):
-        path = RESULTS / path
+    path = results_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return path

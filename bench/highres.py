@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "guidance_scale": args.guidance,
             "repeats": args.repeats,
-            "strength_schedule": "HighResPipeline default (0.4, 0.3, 0.2, 0.1)",
+            "strength_schedule": "HighResPipeline default (pipelines.sdedit.default_strengths)",
             "native_size": args.native_size or hr.native_size,
             "sequential_cfg_above": args.sequential_cfg_above,
             "feed_forward_chunk_size": args.feed_forward_chunk_size,

@@ -147,7 +147,7 @@ def accuracy(args: argparse.Namespace, weights: dict) -> dict[str, dict]:
         if get_state(models.pipe.unet) is not None:
             lindiff.restore(models.pipe)
         lindiff.linearize(models.pipe, method="linfusion", weights=path)
-        images = generate(models.pipe, examples, native, qargs, keep_size=keep).images
+        images = generate(models.pipe, examples, native, qargs, keep_size=keep)[-1].images
         scores[name], detections = score(models.classifier, images, examples, real)
         correct[name] = [
             prompt_correct(e.spec, objects) for e, objects in zip(examples, detections, strict=True)

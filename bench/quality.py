@@ -3,10 +3,12 @@
 The teacher (softmax attention) and the student (``lindiff.linearize`` with trained weights, on
 the same pipeline object) render the same prompts with the same seeds at 1x, 2x and 4x the
 native size (direct generation at that size). With ``--highres`` they also render every size
-above native through ``HighResPipeline`` (generation at native size, then SDEdit stages that
-double it: what ``lindiff render`` does there), reported under keys such as ``2x-highres``;
-``--highres only`` renders the sizes above native through the chain alone (no direct generation
-there: 32x is 4096 px), and ``--variants student`` skips the softmax teacher.
+above native through ``HighResPipeline`` with its defaults (generation at native size, then
+SDEdit stages up to the target: what ``lindiff render`` does there), reported under keys such as
+``2x-highres``; a chain that is the first stages of a longer one is read from that one's stages
+(the 4x and 8x chains from the 32x chain). ``--highres only`` renders the sizes above native
+through the chain alone (no direct generation there: 32x is 4096 px), and ``--variants student``
+skips the softmax teacher.
 The shipped classifier (``lindiff.evaluation``) finds the objects of every image and scores:
 
 - prompt accuracy: the objects are exactly those the caption names (colour, shape, count);
@@ -28,19 +30,24 @@ IoU with the condition; at every scale) validate the metrics: they should be clo
     python bench/quality.py --quick          # a few prompts per scale
     python bench/quality.py --highres        # also 2x and 4x through the high-resolution chain
     python bench/quality.py --scales 1 4 8 32 --num-prompts 100 100 100 100 --highres only \
-        --variants student --controlnet none --lora none --tile-vae auto     # the chain to 4096 px
+        --variants student --controlnet none --lora none --tile-vae auto \
+        --out quality-cpu-chain.json                                         # the chain to 4096 px
     python bench/quality.py --model DIR --weights DIR --classifier DIR --controlnet none --lora none
 
 Prompts are ``make_example(10_000_000 + i, size, world)`` (the generator trains on seeds below
 1_000_000), from the shipped model's training world (``--world training``: one or two objects,
 six colours) unless ``--world full``.
-Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid beside it.
+Results: ``bench/results/quality-<device>[-quick].json`` and a ``.png`` grid beside it. Every
+rendered batch is kept in ``<out>.partial/`` until the results are saved: an interrupted run
+(Ctrl-C, a crash) goes on from there when the same command runs again (``--fresh``: start over).
 """
 
 import argparse
 import collections
 import dataclasses
+import json
 import math
+import shutil
 import statistics
 import textwrap
 import time
@@ -50,9 +57,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_label, save_results  # bench/ is on sys.path when run as a script
+from common import device_label, results_path, save_results  # bench/ is on sys.path when run as a script
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 import lindiff
 import lindiff.assets
@@ -74,7 +82,7 @@ from lindiff.evaluation import (
 )
 from lindiff.evaluation.fidelity import downsample
 from lindiff.pipelines import HighResPipeline, plan_stages
-from lindiff.pipelines.sdedit import default_strengths
+from lindiff.pipelines.sdedit import stage_strengths
 
 TEACHER_TARGET = 0.80
 """Least teacher prompt accuracy at native size."""
@@ -139,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(HighResPipeline's choice by free memory, as lindiff render; needed for 4096 px on a CPU)",
     )
     parser.add_argument(
+        "--stages", type=int, help="stages of every chain (default: HighResPipeline's plan, stages='auto')"
+    )
+    parser.add_argument(
+        "--strengths", type=float, nargs="+", help="SDEdit strengths of stages 2, 3, ... (default: by scale)"
+    )
+    parser.add_argument(
+        "--sdedit-guidance", type=float, help="guidance scale of the SDEdit stages (default: 1.0, no CFG)"
+    )
+    parser.add_argument(
+        "--skip-residual", type=float, help="DemoFusion's skip residual with this exponent (default: none)"
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
         choices=VARIANTS,
@@ -165,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--quick", action="store_true", help="fewer prompts (see the counts above)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quality-<device>.json)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="render everything again, discarding the batches an interrupted run left in <out>.partial/",
+    )
     return parser
 
 
@@ -224,6 +249,16 @@ class Rendered:
     native: torch.Tensor | None = None
     final_native: torch.Tensor | None = None
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["Rendered"]) -> "Rendered":
+        """The batches ``parts`` as one, in order."""
+
+        def cat(name: str) -> torch.Tensor | None:
+            tensors = [getattr(part, name) for part in parts]
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return cls(cat("images"), cat("native"), cat("final_native"))
+
 
 def shrink(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """``images`` ``(B, 3, H, W)`` resized to ``size`` px as ``ShapeClassifier.prepare`` does
@@ -231,6 +266,47 @@ def shrink(images: torch.Tensor, size: int | None) -> torch.Tensor:
     if size is None or max(images.shape[-2:]) <= size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+class BatchJournal:
+    """The rendered batches of a run, one ``torch.save`` file each in ``folder``, so that an
+    interrupted run goes on where it stopped: the same command renders only what is missing.
+
+    ``settings`` (JSON) are what the images depend on; a folder written with other settings is
+    refused (rerun with ``--fresh``). :meth:`remove` deletes the folder once the results are saved.
+    """
+
+    def __init__(self, folder: Path, settings: dict, fresh: bool) -> None:
+        self.folder = folder
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+        stamp = folder / "settings.json"
+        text = json.dumps(settings, sort_keys=True, default=str)
+        if stamp.exists() and stamp.read_text() != text:
+            raise SystemExit(
+                f"{folder} holds batches rendered with other settings ({stamp.read_text()}, now {text}); "
+                "rerun with --fresh to start over, or give another --out"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(text)
+        self.found = len(list(folder.glob("*.pt")))
+
+    def _file(self, name: str) -> Path:
+        return self.folder / f"{name.replace('/', '-')}.pt"
+
+    def get(self, name: str) -> list[Rendered] | None:
+        """The batch ``name`` if it was rendered before."""
+        path = self._file(name)
+        return [Rendered(**stage) for stage in torch.load(path)] if path.exists() else None
+
+    def put(self, name: str, stages: list[Rendered]) -> None:
+        """Keep the batch ``name`` (written whole or not at all)."""
+        partial = self._file(name).with_suffix(".tmp")
+        torch.save([dataclasses.asdict(stage) for stage in stages], partial)
+        partial.replace(self._file(name))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def generate(
@@ -241,13 +317,17 @@ def generate(
     conditions: Sequence[Image.Image] | None = None,
     highres: bool = False,
     keep_size: int | None = None,
-) -> Rendered:
+    journal: BatchJournal | None = None,
+    name: str = "",
+) -> list[Rendered]:
     """Images at ``size`` px for the examples' captions; example ``i``'s seed seeds its noise.
 
-    Prompts go in batches of ``args.batch_size`` divided by the scale (memory grows with the size).
-    ``highres`` renders through ``HighResPipeline.from_pipe(pipe)`` (it shares ``pipe``'s modules)
-    and keeps its native stage. Images larger than ``keep_size`` are kept shrunk to it (see
-    :func:`shrink`; a 4096 px image is 200 MB).
+    Direct generation gives one :class:`Rendered`; ``highres`` renders through
+    ``HighResPipeline.from_pipe(pipe)`` (it shares ``pipe``'s modules) and gives one per stage of
+    the chain, the last being the final images. Prompts go in batches of ``args.batch_size``
+    divided by the scale (memory grows with the size). Images larger than ``keep_size`` are kept
+    shrunk to it (see :func:`shrink`; a 4096 px image is 200 MB). With a ``journal``, every batch
+    is kept under ``name`` and taken from it when it is there.
     """
     native = native_size(pipe)
     batch_size = max(1, args.batch_size * native // size)
@@ -256,10 +336,19 @@ def generate(
         # "off": untiled VAE, as tile_vae="auto" chooses up to a few megapixels: tiles of a small
         # VAE shift colours; "auto" tiles where an untiled pass would not fit (4096 px on a CPU).
         runner = HighResPipeline.from_pipe(pipe)
-        extra = {"tile_vae": "auto" if args.tile_vae == "auto" else False, "return_stages": True}
-    images, stages, finals = [], [], []
-    for start in range(0, len(examples), batch_size):
+        extra = {
+            "tile_vae": "auto" if args.tile_vae == "auto" else False,
+            "return_stages": True,
+            **chain_options(args),
+        }
+    batches = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=f"{name} ({size} px)", leave=False):
         batch = examples[start : start + batch_size]
+        batch_name = f"{name}/{start}-{len(batch)}"
+        done = journal.get(batch_name) if journal is not None else None
+        if done is not None:
+            batches.append(done)
+            continue
         if conditions is not None:
             extra["image"] = list(conditions[start : start + batch_size])
         output = runner(
@@ -272,14 +361,64 @@ def generate(
             output_type="pt",
             **extra,
         )
-        final = output.images.float().cpu() * 2.0 - 1.0
-        images.append(shrink(final, keep_size))
         if highres:
-            stages.append(output.stages[0].float().cpu() * 2.0 - 1.0)
-            finals.append(downsample(final, stages[-1].shape[-2:]))
-    if not highres:
-        return Rendered(torch.cat(images))
-    return Rendered(torch.cat(images), torch.cat(stages), torch.cat(finals))
+            stages = [stage.float().cpu() * 2.0 - 1.0 for stage in output.stages]
+            rendered = [
+                Rendered(shrink(stage, keep_size), stages[0], downsample(stage, stages[0].shape[-2:]))
+                for stage in stages
+            ]
+        else:
+            rendered = [Rendered(shrink(output.images.float().cpu() * 2.0 - 1.0, keep_size))]
+        if journal is not None:
+            journal.put(batch_name, rendered)
+        batches.append(rendered)
+    return [Rendered.concatenate(stage) for stage in zip(*batches, strict=True)]
+
+
+def chain_options(args: argparse.Namespace) -> dict:
+    """The ``HighResPipeline`` arguments the options set (none: its defaults)."""
+    options = {
+        "stages": args.stages,
+        "strength_schedule": args.strengths,
+        "sdedit_guidance_scale": args.sdedit_guidance,
+        "skip_residual": args.skip_residual,
+    }
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def chain_layout(
+    pipe: StableDiffusionPipeline, size: int, args: argparse.Namespace
+) -> tuple[tuple[int, int, float], ...]:
+    """``(height, width, strength)`` of every stage of the chain to ``size`` px (stage 1: 1.0)."""
+    runner = HighResPipeline.from_pipe(pipe)
+    stages = args.stages or "auto"
+    sizes = plan_stages(size, size, native_size(pipe), stages, multiple=runner.size_multiple)
+    return tuple(
+        (h, w, s) for (h, w), s in zip(sizes, [1.0, *stage_strengths(args.strengths, sizes)], strict=True)
+    )
+
+
+def shared_chains(
+    pipe: StableDiffusionPipeline, plan: "RunPlan", args: argparse.Namespace
+) -> dict[str, tuple[str, int]]:
+    """The chain runs read from a longer chain's stages instead of rendered: key -> (the longer run,
+    stage index). A chain whose stages, strengths and prompts begin another's renders exactly that
+    one's first stages (same seeds, the same noise drawn in the same order), so the 4x and 8x chains
+    are stages of the 32x chain: one render gives all three."""
+    chains = {key: chain_layout(pipe, size, args) for key, (size, highres) in plan.runs.items() if highres}
+    shared = {}
+    for key, layout in chains.items():
+        longer = [
+            other
+            for other, other_layout in chains.items()
+            if len(other_layout) > len(layout)
+            and other_layout[: len(layout)] == layout
+            and plan.counts[other] >= plan.counts[key]
+        ]
+        if longer:
+            source = max(longer, key=lambda other: len(chains[other]))
+            shared[key] = (source, len(layout) - 1)
+    return shared
 
 
 def direct_seconds_per_image(
@@ -298,11 +437,9 @@ def highres_seconds_per_image(
 ) -> float:
     """Rough seconds per image of the high-resolution chain to ``size``: its stages' direct costs
     (:func:`direct_seconds_per_image`, ``timed`` its cache) times their SDEdit strengths."""
-    stages = [height for height, _ in plan_stages(size, size, native_size(pipe))]
-    strengths = [1.0, *default_strengths(len(stages))]
     return sum(
-        strength * direct_seconds_per_image(pipe, stage, args, timed)
-        for stage, strength in zip(stages, strengths, strict=True)
+        strength * direct_seconds_per_image(pipe, height, args, timed)
+        for height, _, strength in chain_layout(pipe, size, args)
     )
 
 
@@ -594,8 +731,11 @@ def load_models(args: argparse.Namespace, device: torch.device) -> Models:
 def estimate_seconds(pipe: StableDiffusionPipeline, plan: RunPlan, args: argparse.Namespace) -> float:
     """Rough seconds of the whole run (teacher speed for every variant), printed with the per-image costs."""
     timed: dict[int, float] = {}
+    shared = shared_chains(pipe, plan, args)
     per_image = {
-        key: (highres_seconds_per_image if highres else direct_seconds_per_image)(pipe, size, args, timed)
+        key: 0.0
+        if key in shared
+        else (highres_seconds_per_image if highres else direct_seconds_per_image)(pipe, size, args, timed)
         for key, (size, highres) in plan.runs.items()
     }
     work = {key: plan.counts[key] + 1.5 * plan.control_counts.get(key, 0) for key in plan.runs}
@@ -637,19 +777,40 @@ def generation_runs(
     real_features: torch.Tensor,
     args: argparse.Namespace,
     results: Results,
+    journal: BatchJournal | None = None,
 ) -> float | None:
     """Render and score every run of ``variant``; returns the mean stripe score of the first
-    ``plan.num_lora`` prompts at 1x (``None`` without a LoRA run)."""
+    ``plan.num_lora`` prompts at 1x (``None`` without a LoRA run). Chain runs that are stages of a
+    longer chain (:func:`shared_chains`) are read from it."""
     plain_stripes = None
     keep_size = models.classifier.config.input_size
+    shared = shared_chains(models.pipe, plan, args)
+    rendered, seconds = {}, {}
     for key, (size, highres) in plan.runs.items():
+        if key in shared:
+            continue
         start = time.perf_counter()
         chosen = plan.examples[: plan.counts[key]]
-        rendered = generate(models.pipe, chosen, size, args, highres=highres, keep_size=keep_size)
-        images = rendered.images
+        rendered[key] = generate(
+            models.pipe,
+            chosen,
+            size,
+            args,
+            highres=highres,
+            keep_size=keep_size,
+            journal=journal,
+            name=f"{variant}/{key}",
+        )
+        seconds[key] = time.perf_counter() - start
+    for key, (size, highres) in plan.runs.items():
+        source, stage = shared.get(key, (key, -1))
+        count = plan.counts[key]
+        chosen = plan.examples[:count]
+        found = rendered[source][stage]
+        images = found.images[:count]
         results.generation[variant][key], detections = score(models.classifier, images, chosen, real_features)
         if highres:
-            fidelity = chain_fidelity(models.classifier, rendered.native, rendered.final_native)
+            fidelity = chain_fidelity(models.classifier, found.native[:count], found.final_native[:count])
             results.generation[variant][key].update(
                 {f"chain_{name}": value for name, value in fidelity.summary().items() if name != "num_images"}
             )
@@ -658,7 +819,9 @@ def generation_runs(
                 "extra_objects": list(fidelity.extra_objects),
                 "missing_objects": list(fidelity.missing_objects),
             }
-        results.generation[variant][key].update(size=size, seconds=time.perf_counter() - start)
+        results.generation[variant][key].update(size=size, seconds=seconds[source])
+        if source != key:
+            results.generation[variant][key]["stage_of"] = source
         results.correct[variant][key] = [
             prompt_correct(example.spec, objects) for example, objects in zip(chosen, detections, strict=True)
         ]
@@ -676,13 +839,23 @@ def control_runs(
     plan: RunPlan,
     args: argparse.Namespace,
     results: Results,
+    journal: BatchJournal | None = None,
 ) -> None:
     """Render ``variant`` with the ControlNet on every scale's ``conditions`` and score its adherence."""
     keep_size = models.classifier.config.input_size
     for key, key_conditions in conditions.items():
         chosen = plan.examples[: len(key_conditions)]
         size = plan.sizes[key]
-        images = generate(models.control_pipe, chosen, size, args, key_conditions, keep_size=keep_size).images
+        images = generate(
+            models.control_pipe,
+            chosen,
+            size,
+            args,
+            key_conditions,
+            keep_size=keep_size,
+            journal=journal,
+            name=f"{variant}/control-{key}",
+        )[-1].images
         found = detect_objects(models.classifier, images)
         results.control[variant][key] = control_scores(found, key_conditions, chosen)
         results.shown[f"{variant} + ControlNet {key}"] = [to_pil(image) for image in images[: args.columns]]
@@ -696,12 +869,15 @@ def lora_run(
     plan: RunPlan,
     args: argparse.Namespace,
     results: Results,
+    journal: BatchJournal | None = None,
 ) -> None:
     """Render ``variant`` with the LoRA at native size; its stripe score against ``plain_stripes``."""
     models.pipe.load_lora_weights(models.paths["lora"], adapter_name=LORA_ADAPTER)
     chosen = plan.examples[: plan.num_lora]
     keep_size = models.classifier.config.input_size
-    images = generate(models.pipe, chosen, plan.native, args, keep_size=keep_size).images
+    images = generate(
+        models.pipe, chosen, plan.native, args, keep_size=keep_size, journal=journal, name=f"{variant}/lora"
+    )[-1].images
     models.pipe.unload_lora_weights()
     detections = detect_objects(models.classifier, images)
     results.lora[variant] = {
@@ -715,10 +891,15 @@ def lora_run(
 
 
 def run_variants(
-    models: Models, plan: RunPlan, real_features: torch.Tensor, args: argparse.Namespace
+    models: Models,
+    plan: RunPlan,
+    real_features: torch.Tensor,
+    args: argparse.Namespace,
+    journal: BatchJournal | None = None,
 ) -> tuple[Results, list[str]]:
     """Render and score the teacher, then the student (``linearize``, undone at the end), as far as
-    ``args.variants`` asks; also the row labels of the PNG grid, in order."""
+    ``args.variants`` asks; also the row labels of the PNG grid, in order. Batches go through
+    ``journal`` (see :class:`BatchJournal`)."""
     conditions = plan.conditions()
     results = Results(
         generation=by_variant(args.variants),
@@ -730,10 +911,10 @@ def run_variants(
     for variant in args.variants:
         if variant == "student":
             lindiff.linearize(models.student_target, method=args.method, weights=models.paths["weights"])
-        plain_stripes = generation_runs(variant, models, plan, real_features, args, results)
-        control_runs(variant, models, conditions, plan, args, results)
+        plain_stripes = generation_runs(variant, models, plan, real_features, args, results, journal)
+        control_runs(variant, models, conditions, plan, args, results, journal)
         if plan.num_lora:
-            lora_run(variant, models, plain_stripes, plan, args, results)
+            lora_run(variant, models, plain_stripes, plan, args, results, journal)
     if "student" in args.variants:
         lindiff.restore(models.student_target)
     rows = ["real"] + [
@@ -758,8 +939,10 @@ def run_config(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
         "num_prompts": plan.counts,
         "highres": {
             "mode": args.highres,
-            "strengths": "default (pipelines.sdedit.default_strengths)",
             "stages": "auto",
+            "strength_schedule": "default (pipelines.sdedit.default_strengths)",
+            "sdedit_guidance_scale": "auto",
+            **chain_options(args),
             "tile_vae": args.tile_vae,
         }
         if args.highres
@@ -777,6 +960,18 @@ def run_config(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
     }
 
 
+def journal_settings(args: argparse.Namespace, models: Models, plan: RunPlan) -> dict:
+    """What a run's images depend on (:class:`BatchJournal`): its config without the prompt counts
+    (a batch is named by its first prompt and size), and every chain's stages and strengths."""
+    config = run_config(args, models, plan)
+    for name in ("num_prompts", "num_control", "num_lora"):
+        config.pop(name)
+    config["chains"] = {
+        key: chain_layout(models.pipe, size, args) for key, (size, highres) in plan.runs.items() if highres
+    }
+    return config
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -789,8 +984,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"quality of {models.paths['model']} on {device_label(device)}: sizes {plan.sizes}, prompts {plan.counts}"
     )
     estimate = estimate_seconds(models.pipe, plan, args)
+    label = device_label(device, short=True) + ("-quick" if args.quick else "")
+    out = results_path(args.out or Path(f"quality-{label}.json"))
+    journal = BatchJournal(out.with_suffix(".partial"), journal_settings(args, models, plan), args.fresh)
+    if journal.found:
+        print(f"resuming: {journal.found} rendered batch(es) in {journal.folder}")
     real, real_features = score_real(models.classifier, plan)
-    results, rows = run_variants(models, plan, real_features, args)
+    try:
+        results, rows = run_variants(models, plan, real_features, args, journal)
+    except KeyboardInterrupt:
+        print(f"interrupted; the rendered batches are in {journal.folder}: run the same command to go on")
+        raise SystemExit(130) from None
     generation, correct = results.generation, results.correct
     result = {
         "benchmark": "quality",
@@ -809,11 +1013,12 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": targets(generation),
         "estimated_seconds": estimate,
         "seconds": time.perf_counter() - started,
+        "resumed_batches": journal.found,
     }
-    label = device_label(device, short=True) + ("-quick" if args.quick else "")
-    path = save_results(result, args.out or Path(f"quality-{label}.json"))
+    path = save_results(result, out)
     titles = [example.text for example in plan.examples[: args.columns]]
     grid = save_grid(titles, [(row, results.shown[row]) for row in rows], path.with_suffix(".png"))
+    journal.remove()
     print(f"targets: {result['targets']}")
     print(f"saved {path} and {grid} in {result['seconds'] / 60:.1f} min")
     return result

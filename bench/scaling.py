@@ -4,7 +4,7 @@ Two sections, each with its softmax baseline measured in the same run:
 
 - ``chain``: the embedded model (``lindiff.assets``: tiny-shapes, native 128 px) rendered as
   ``lindiff render`` renders it (``Renderer``: above the native size through ``HighResPipeline``,
-  2x SDEdit stages with the default strength schedule, the VAE tiled only when an untiled pass
+  SDEdit stages with the default plan and strengths, the VAE tiled only when an untiled pass
   would take over half the free memory and its attention local above a 1024 px image: recorded
   per row as ``vae_tiled`` and ``vae_local_attention``), 25 steps, guidance 7.5, at 512 ... 8192 px: with its
   shipped LinFusion student (``tiny-shapes-linfusion``) and with its own softmax attention.
@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 
 import lindiff
 from lindiff.cli import environment
-from lindiff.pipelines import HighResProgress
+from lindiff.pipelines import HighResProgress, plan_stages
 from lindiff.pipelines.batch import DEFAULT_GUIDANCE, DEFAULT_STEPS, Renderer, RenderItem, RenderOptions
 from lindiff.pipelines.loading import SOFTMAX, load_pipeline, resolve_weights
 from lindiff.pipelines.memory import vae_needs_tiling
@@ -904,7 +904,10 @@ def settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "seed": SEED,
             "steps": args.steps,
             "guidance": args.guidance,
-            "strengths": default_strengths(8),  # the chain's default, 128 to 8192 px
+            # the chain's default plan to 8192 px: stage sizes, SDEdit strengths and guidance
+            "stages": [height for height, _ in plan_stages(8192, 8192, 128)],
+            "strengths": default_strengths(plan_stages(8192, 8192, 128)),
+            "sdedit_guidance_scale": "auto",
         },
         "dit": {"pixart_blocks": args.pixart_blocks, "repeats": args.dit_repeats, "batch": 1},
     }

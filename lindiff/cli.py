@@ -350,15 +350,18 @@ def _add_render_flags(parser: argparse.ArgumentParser) -> None:
         help="use the multi-stage high-resolution pipeline (default: when the size exceeds the model's native size)",
     )
     parser.add_argument(
-        "--stages", type=_stages, help="high-resolution stages: auto or a number (default: auto)"
+        "--stages",
+        type=_stages,
+        help="high-resolution stages: auto (the first SDEdit stage up to 4x the native side, then 2x per "
+        "stage) or a number (geometric from the native size; default: auto)",
     )
     parser.add_argument(
         "--strengths",
         type=float,
         nargs="+",
         metavar="S",
-        help="SDEdit strengths of high-resolution stages 2, 3, ... (default: 0.4 0.3 0.2 0.1, then 0.1 "
-        "for every further stage, which fits any size)",
+        help="SDEdit strengths of high-resolution stages 2, 3, ... (default: by each stage's scale over "
+        "the native size, 0.4 up to 2x, 0.3 up to 4x, 0.2 up to 8x, 0.1 above, which fits any size)",
     )
     parser.add_argument(
         "--tile",

@@ -3,7 +3,13 @@
 Stage 1 generates at the model's native area (with the target's aspect ratio); every later stage
 upscales the previous image (bicubic, in pixel space) and re-denoises it with image-to-image
 strength ``s`` (SDEdit: noise to ``s`` of the schedule, then run ``int(num_inference_steps * s)``
-steps). With ``stages="auto"`` each stage is at most 2x the previous one per side.
+steps). With ``stages="auto"`` the first SDEdit stage is at most 4x the native side and every later
+one 2x the one before (:func:`~lindiff.pipelines.stages.plan_stages`); the default strengths fall
+with each stage's scale (:func:`~lindiff.pipelines.sdedit.default_strengths`), and by default the
+SDEdit stages run without classifier-free guidance (``sdedit_guidance_scale``): the prompt already
+shaped stage 1, and guidance in a low-noise pass amplifies its push to add what the prompt names,
+which drew stray objects and star points on star points in every stage. Together they keep the
+content of stage 1 while the stages sharpen it.
 
 Families with an image-to-image pipeline in diffusers (SD 1.x/2.x, SDXL, SD3, FLUX, and their
 ControlNet variants where diffusers has one) run the SDEdit stages through it
@@ -115,8 +121,9 @@ class HighResRequest:
     """The options of one :class:`HighResPipeline` call that every stage shares, checked on creation.
 
     The fields are the call's arguments of the same names (see :meth:`HighResPipeline.__call__`);
-    ``strengths`` are the SDEdit strengths of stages 2, 3, ..., ``num_frames`` a video's frames
-    (``None`` for images) and ``kwargs`` the extra arguments passed to every stage pipeline.
+    ``strengths`` are the SDEdit strengths of stages 2, 3, ..., ``sdedit_guidance_scale`` their
+    guidance scale (resolved: ``None`` for the call's ``guidance_scale``), ``num_frames`` a video's
+    frames (``None`` for images) and ``kwargs`` the extra arguments passed to every stage pipeline.
 
     Raises:
         ValueError: an option is out of range, or ``kwargs`` names an argument the chain sets itself.
@@ -128,6 +135,7 @@ class HighResRequest:
     guidance_scale: float | None
     generator: torch.Generator | list[torch.Generator] | None
     strengths: list[float]
+    sdedit_guidance_scale: float | None = None
     skip_residual: bool | float = False
     tile_vae: bool | str = "auto"
     local_vae_attention: bool | str = "auto"
@@ -150,6 +158,13 @@ class HighResRequest:
             raise ValueError(
                 f"num_inference_steps={steps} gives no step at strength {short[0]} "
                 f"(int(steps * strength) must be >= 1); raise num_inference_steps"
+            )
+        sdedit_guidance = self.sdedit_guidance_scale
+        if sdedit_guidance is not None and (
+            not isinstance(sdedit_guidance, (int, float)) or isinstance(sdedit_guidance, bool)
+        ):
+            raise ValueError(
+                f"sdedit_guidance_scale must be 'auto', None or a number, got {sdedit_guidance!r}"
             )
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
@@ -323,6 +338,12 @@ class HighResPipeline:
         return self.adapter.native_size(self.pipe)
 
     @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether the pipeline's ``guidance_scale`` is classifier-free guidance, not a condition that
+        the denoiser embeds (FLUX's guidance embedding), as its family adapter says."""
+        return not self.adapter.guidance_conditions(self.denoiser, 1.0, 1)
+
+    @property
     def size_multiple(self) -> int:
         """What every stage's height and width must be a multiple of (px), as its family adapter says."""
         return self.adapter.size_multiple(self.pipe)
@@ -414,19 +435,23 @@ class HighResPipeline:
         return_stages: bool = False,
         on_progress: Callable[[HighResProgress], None] | None = None,
         num_frames: int | None = None,
+        sdedit_guidance_scale: float | str | None = "auto",
         **kwargs: Any,
     ) -> HighResPipelineOutput:
         """Generates ``height x width`` px images through the SDEdit chain.
 
         Args:
             prompt, negative_prompt, guidance_scale, generator: as in the wrapped pipeline, used by
-                every stage (``guidance_scale=None`` keeps the pipeline's default).
+                every stage (``guidance_scale=None`` keeps the pipeline's default), except that the
+                SDEdit stages take their guidance scale from ``sdedit_guidance_scale``.
             num_inference_steps: steps of a full schedule; stage 1 runs all of them, an SDEdit
                 stage of strength ``s`` runs ``int(num_inference_steps * s)``.
             stages: ``"auto"`` or the number of stages (see :func:`plan_stages`).
             strength_schedule: SDEdit strengths of stages 2, 3, ... (the first ``stages - 1`` are
-                used); ``None``: LinFusion's 0.4, 0.3, 0.2, 0.1, then 0.1 for every further stage,
-                so every size works (:func:`~lindiff.pipelines.sdedit.default_strengths`).
+                used); ``None``: each stage gets LinFusion's strength for its scale, 0.4 up to 2x the
+                native side, 0.3 up to 4x, 0.2 up to 8x, 0.1 above, so every size works (the
+                ``"auto"`` chain to 8x runs 0.3 at 4x, then 0.2;
+                :func:`~lindiff.pipelines.sdedit.default_strengths`).
             native_size: side of the native square (px); default :attr:`native_size`.
             skip_residual: DemoFusion's skip residual in the SDEdit stages; ``True`` uses the
                 exponent :data:`SKIP_RESIDUAL_POWER`, a float sets it.
@@ -452,6 +477,10 @@ class HighResPipeline:
                 exception it raises stops the run and propagates.
             num_frames: a video pipeline's frames (stage 1 renders them, later stages keep them);
                 ``None``: the pipeline's default. Image pipelines take none.
+            sdedit_guidance_scale: guidance scale of the SDEdit stages. ``"auto"``: 1.0 (no
+                classifier-free guidance, and one denoiser pass per step) where the pipeline's
+                guidance is classifier-free, ``guidance_scale`` where the denoiser embeds it (FLUX
+                with a guidance embedding); ``None``: ``guidance_scale``, as stage 1; a number sets it.
             **kwargs: passed to every stage's pipeline call (e.g. ``max_sequence_length``).
 
         Returns:
@@ -460,7 +489,9 @@ class HighResPipeline:
         sizes = plan_stages(
             height, width, native_size or self.native_size, stages, multiple=self.size_multiple
         )
-        strengths = stage_strengths(strength_schedule, len(sizes))
+        strengths = stage_strengths(strength_schedule, sizes)
+        if sdedit_guidance_scale == "auto":
+            sdedit_guidance_scale = 1.0 if self.classifier_free_guidance else guidance_scale
         request = HighResRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -468,6 +499,7 @@ class HighResPipeline:
             guidance_scale=guidance_scale,
             generator=generator,
             strengths=strengths,
+            sdedit_guidance_scale=sdedit_guidance_scale,
             skip_residual=skip_residual,
             tile_vae=tile_vae,
             local_vae_attention=local_vae_attention,
@@ -530,6 +562,8 @@ class HighResPipeline:
         """The arguments of ``pipe`` for ``stage`` that do not depend on the previous stage."""
         parameters = _parameters(pipe)
         call = dict(request.common(), output_type="pt")
+        if not stage.first and request.sdedit_guidance_scale is not None and "guidance_scale" in parameters:
+            call["guidance_scale"] = request.sdedit_guidance_scale
         if "height" in parameters:
             call.update(height=stage.height, width=stage.width)
         if "use_resolution_binning" in parameters:

@@ -9,36 +9,50 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .stages import stage_scales
+
 LINFUSION_STRENGTHS = (0.4, 0.3, 0.2, 0.1)
-"""SDEdit strengths of stages 2 to 5 in LinFusion's published chain (up to 16x the native side)."""
+"""SDEdit strengths of the stages at 2x, 4x, 8x and 16x the native side in LinFusion's published chain."""
 
 
-def default_strengths(num_stages: int) -> list[float]:
-    """The default SDEdit strengths of stages 2..``num_stages``, for a chain of any length.
+def default_strengths(sizes: Sequence[tuple[int, int]]) -> list[float]:
+    """The default SDEdit strengths of stages 2, 3, ... of a chain of ``sizes`` (from
+    :func:`~lindiff.pipelines.stages.plan_stages`, stage 1 first), by each stage's scale.
 
-    LinFusion's chain (:data:`LINFUSION_STRENGTHS`) for the first four refining stages; every stage
-    after those, which only doubles an image already 16x the native side, repeats its last
-    strength, 0.1: they add detail at the new scale and repaint nothing.
+    A stage gets the strength that LinFusion's chain (:data:`LINFUSION_STRENGTHS`) gives the stage
+    at its scale (its side over stage 1's, rounded up to a power of two): 0.4 up to 2x, 0.3 up to
+    4x, 0.2 up to 8x and 0.1 above, where a stage only adds detail at the new scale. The larger a
+    stage's objects are against the size the model knows, the less noise it gets to redraw them
+    with. The ``"auto"`` chain to 8x (stages at 4x and 8x) runs 0.3 then 0.2, to 32x 0.3, 0.2, 0.1,
+    0.1; a chain of 2x stages (an int ``stages``) runs LinFusion's 0.4, 0.3, 0.2, 0.1, 0.1, ...
     """
-    count = max(num_stages - 1, 0)
-    last = LINFUSION_STRENGTHS[-1]
-    return [*LINFUSION_STRENGTHS[:count], *[last] * (count - len(LINFUSION_STRENGTHS))]
+    strengths = []
+    for scale in stage_scales(list(sizes)):
+        # 7% slack: sizes rounded to the model's multiple may land just above a power of two
+        doublings = math.ceil(math.log2(scale) - 0.1)
+        strengths.append(LINFUSION_STRENGTHS[min(max(doublings - 1, 0), len(LINFUSION_STRENGTHS) - 1)])
+    return strengths
 
 
-def stage_strengths(strength_schedule: Sequence[float] | None, num_stages: int) -> list[float]:
-    """The SDEdit strengths of stages 2..``num_stages``: :func:`default_strengths` for
-    ``strength_schedule=None``, else the schedule's first ``num_stages - 1`` entries.
+def stage_strengths(
+    strength_schedule: Sequence[float] | None, sizes: Sequence[tuple[int, int]]
+) -> list[float]:
+    """The SDEdit strengths of stages 2, 3, ... of a chain of ``sizes`` (stage 1 first):
+    :func:`default_strengths` for ``strength_schedule=None``, else the schedule's first
+    ``len(sizes) - 1`` entries.
 
     Raises:
         ValueError: an entry is not in (0, 1], or a given schedule is too short for the chain.
     """
+    num_stages = len(sizes)
     if strength_schedule is None:
-        return default_strengths(num_stages)
+        return default_strengths(sizes)
     if isinstance(strength_schedule, (str, bytes)) or not isinstance(strength_schedule, Sequence):
         raise ValueError(
             f"strength_schedule must be None or a sequence of floats in (0, 1], got {strength_schedule!r}"

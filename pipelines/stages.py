@@ -35,15 +35,32 @@ def chain_stages(sizes: list[tuple[int, int]], strengths: list[float]) -> list[S
     ]
 
 
+FIRST_STAGE_RATIO = 4.0
+"""How much larger per side than stage 1 the first SDEdit stage of an ``"auto"`` chain may be."""
+STAGE_RATIO = 2.0
+"""How much larger per side than the stage before every later SDEdit stage of an ``"auto"`` chain may be."""
+
+
 def plan_stages(
     height: int, width: int, native_size: int, stages: int | str = "auto", multiple: int = 8
 ) -> list[tuple[int, int]]:
     """The ``(height, width)`` of every stage of a chain to ``height x width`` px.
 
-    Stage 1 has the area of a ``native_size`` square and the target's aspect ratio; the stages grow
-    geometrically (per side) to the target, which is the last stage. ``stages="auto"`` picks the
-    fewest stages with at most 2x per side between stages; a target no larger than the native area
-    is one stage. Intermediate sizes are rounded to ``multiple``.
+    Stage 1 has the area of a ``native_size`` square and the target's aspect ratio; the target is
+    the last stage. ``stages="auto"`` picks the fewest stages in which the first SDEdit stage is at
+    most :data:`FIRST_STAGE_RATIO` (4x) the native side and every later one at most
+    :data:`STAGE_RATIO` (2x) the stage before: the SDEdit stages halve back from the target, so 2x
+    to 4x the native side is one SDEdit stage, 8x is 4x then 8x, 32x is 4x, 8x, 16x, 32x. A target
+    no larger than the native area is one stage.
+
+    Why the first jump may be 4x: the first SDEdit stage settles every edge of the soft native image
+    one latent pixel at a time, and a latent pixel of a stage at 2x the native side spans 4 native
+    pixels (8x VAEs), at 4x two. On the embedded tiny-shapes model a first stage at 2x redrew many
+    objects as other shapes at the native scale (wavy squares that read as stars) where one at 4x
+    kept them (chain fidelity, ``bench/quality.py --highres``).
+
+    ``stages`` as an int gives that many stages growing geometrically (per side) from stage 1 to
+    the target. Intermediate sizes are rounded to ``multiple``.
 
     Raises:
         ValueError: ``height``/``width`` is not a positive multiple of ``multiple`` (the message gives
@@ -62,7 +79,7 @@ def plan_stages(
         raise ValueError(f"native_size must be a positive int (px), got {native_size!r}")
     side_ratio = math.sqrt(height * width) / native_size
     if stages == "auto":
-        num_stages = 1 if side_ratio <= 1 else 1 + math.ceil(math.log2(side_ratio) - 1e-9)
+        num_stages = 1 if side_ratio <= 1 else 2 + _doublings(side_ratio / FIRST_STAGE_RATIO)
     elif is_int(stages) and stages >= 1:
         if stages > 1 and side_ratio <= 1:
             raise ValueError(
@@ -75,16 +92,33 @@ def plan_stages(
     if num_stages == 1:
         return [(height, width)]
     first = (native_size * math.sqrt(height / width), native_size * math.sqrt(width / height))
-    sizes = []
-    for index in range(num_stages - 1):
-        fraction = index / (num_stages - 1)
-        sizes.append(
+    target = (height, width)
+    if stages == "auto":  # stage 1, then the SDEdit stages halving back from the target
+        sides = [first] + [
+            tuple(side / STAGE_RATIO**index for side in target) for index in range(num_stages - 2, 0, -1)
+        ]
+    else:  # geometric from stage 1 to the target
+        sides = [
             tuple(
-                max(multiple, multiple * round(start * (end / start) ** fraction / multiple))
-                for start, end in zip(first, (height, width), strict=True)
+                start * (end / start) ** (index / (num_stages - 1))
+                for start, end in zip(first, target, strict=True)
             )
-        )
-    return [*sizes, (height, width)]
+            for index in range(num_stages - 1)
+        ]
+    rounded = [tuple(max(multiple, multiple * round(side / multiple)) for side in pair) for pair in sides]
+    return [*rounded, target]
+
+
+def stage_scales(sizes: list[tuple[int, int]]) -> list[float]:
+    """How much larger per side (the square root of the area ratio) than stage 1 every later stage of
+    ``sizes`` (from :func:`plan_stages`) is."""
+    (height, width), *later = sizes
+    return [math.sqrt(h * w / (height * width)) for h, w in later]
+
+
+def _doublings(ratio: float) -> int:
+    """The fewest doublings that reach ``ratio`` (0 for a ratio of at most 1)."""
+    return max(0, math.ceil(math.log(ratio, STAGE_RATIO) - 1e-9))
 
 
 def is_int(value: object) -> bool:

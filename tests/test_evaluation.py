@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -428,18 +429,26 @@ def test_quality_bench_runs_the_chain_alone(bench_folders, tmp_path, monkeypatch
     quality = _load_bench_script("quality", monkeypatch)
     out = tmp_path / "quality.json"
     argv = [f"--{name}={path}" for name, path in bench_folders.items() if name != "controlnet"]
-    argv += ["--controlnet", "none", "--lora", "none", "--num-lora", "0", "--scales", "1", "8"]
-    argv += ["--num-prompts", "2", "2", "--steps", "10", "--columns", "2", "--highres", "only"]
+    argv += ["--controlnet", "none", "--lora", "none", "--num-lora", "0", "--scales", "1", "4", "8"]
+    argv += ["--num-prompts", "2", "2", "2", "--steps", "10", "--columns", "2", "--highres", "only"]
     argv += ["--variants", "student", "--tile-vae", "auto", "--out", str(out)]
     result = quality.main(argv)
     assert set(result["generation"]) == {"student"}
-    assert set(result["generation"]["student"]) == {"1x", "8x-highres"}
-    assert result["generation"]["student"]["8x-highres"]["size"] == 128
+    generation = result["generation"]["student"]
+    assert set(generation) == {"1x", "4x-highres", "8x-highres"}
+    assert generation["8x-highres"]["size"] == 128
+    # the 4x chain (16 -> 64 px) is the first two stages of the 8x chain (16 -> 64 -> 128 px)
+    assert generation["4x-highres"]["stage_of"] == "8x-highres" and "stage_of" not in generation["8x-highres"]
     assert len(result["chain_fidelity"]["student"]["8x-highres"]["extra_objects"]) == 2
+    assert not out.with_suffix(".partial").exists()  # the batches go once the results are saved
     assert result["paired"] is None
     assert result["config"]["variants"] == ["student"]
     assert result["config"]["highres"] == {**result["config"]["highres"], "mode": "only", "tile_vae": "auto"}
-    for key, run in (("4x-highres", False), ("8x-highres", True), ("32x-highres", False)):
+    for key, run in (
+        ("4x-highres", True),
+        ("8x-highres", True),
+        ("32x-highres", False),
+    ):
         target = result["targets"][f"student_chain_within_5_points_of_1x_{key}"]
         assert target["run"] == run and isinstance(target["met"], bool) == run
     assert not any(key.startswith("teacher") for key in result["targets"])
@@ -449,6 +458,85 @@ def test_quality_bench_runs_the_chain_alone(bench_folders, tmp_path, monkeypatch
     assert list(plan.runs) == ["1x", "2x-highres", "4x-highres", "8x-highres", "32x-highres"]
     assert plan.runs["32x-highres"] == (4096, True)
     assert plan.control_counts == {"1x": 50}
+
+
+def test_quality_bench_resumes_an_interrupted_run(bench_folders, tmp_path, monkeypatch):
+    """Ctrl-C keeps the rendered batches; the same command renders only the rest, and gives the
+    scores of a run that was never stopped. Other settings are refused until --fresh."""
+    quality = _load_bench_script("quality", monkeypatch)
+    out = tmp_path / "quality.json"
+    argv = [f"--{name}={path}" for name, path in bench_folders.items() if name != "controlnet"]
+    argv += ["--controlnet", "none", "--lora", "none", "--num-lora", "0", "--scales", "1", "2"]
+    argv += ["--num-prompts", "3", "3", "--batch-size", "1", "--steps", "4", "--highres", "only"]
+    argv += ["--variants", "student", "--out", str(out)]
+    reference = quality.main([*argv[:-1], str(tmp_path / "reference.json")])["generation"]["student"]
+    calls, stop_at = [], [2]
+    call = quality.HighResPipeline.__call__
+
+    def interrupting(self, *args, **kwargs):
+        """The chain's pipeline, Ctrl-C at its ``stop_at``-th call."""
+        calls.append(kwargs["height"])
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return call(self, *args, **kwargs)
+
+    with mock.patch.object(quality.HighResPipeline, "__call__", interrupting):
+        with pytest.raises(SystemExit) as stopped:
+            quality.main(argv)
+        assert stopped.value.code == 130
+        assert len(list(out.with_suffix(".partial").glob("*.pt"))) == 3 + 1  # 1x, then one chain batch
+        calls.clear()
+        stop_at[0] = None
+        result = quality.main(argv)
+        assert calls == [32, 32] and result["resumed_batches"] == 4
+        for key in ("1x", "2x-highres"):
+            for name in ("prompt_accuracy", "frechet_distance", "chain_pixel_agreement"):
+                assert result["generation"]["student"][key].get(name) == reference[key].get(name)
+        assert not out.with_suffix(".partial").exists()
+        calls.clear()
+        stop_at[0] = 1
+        with pytest.raises(SystemExit):  # stopped again, in the chain
+            quality.main(argv)
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main([*argv, "--steps", "3"])
+    assert quality.main([*argv, "--steps", "3", "--fresh"])["resumed_batches"] == 0
+
+
+def test_quality_bench_passes_the_chain_options(bench_folders, tmp_path, monkeypatch):
+    """--stages, --strengths, --sdedit-guidance and --skip-residual reach HighResPipeline, and decide
+    which chains are stages of another."""
+    quality = _load_bench_script("quality", monkeypatch)
+    argv = [f"--{name}={path}" for name, path in bench_folders.items() if name != "controlnet"]
+    argv += ["--controlnet", "none", "--lora", "none", "--num-lora", "0", "--scales", "1", "2", "4"]
+    argv += ["--num-prompts", "2", "2", "2", "--steps", "4", "--highres", "only", "--variants", "student"]
+    options = ["--stages", "2", "--strengths", "0.5", "--sdedit-guidance", "3", "--skip-residual", "0.5"]
+    seen = []
+    call = quality.HighResPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(
+            {name: kwargs.get(name) for name in ("height", "stages", "strength_schedule", "skip_residual")}
+        )
+        seen[-1]["sdedit_guidance_scale"] = kwargs.get("sdedit_guidance_scale")
+        return call(self, *args, **kwargs)
+
+    with mock.patch.object(quality.HighResPipeline, "__call__", spy):
+        result = quality.main([*argv, *options, "--out", str(tmp_path / "options.json")])
+    assert seen == [
+        {
+            "height": height,
+            "stages": 2,
+            "strength_schedule": [0.5],
+            "skip_residual": 0.5,
+            "sdedit_guidance_scale": 3.0,
+        }
+        for height in (32, 64)  # two stages each: neither chain is the start of the other
+    ]
+    assert result["config"]["highres"]["strength_schedule"] == [0.5]
+    args = quality.parse_args(argv)
+    assert quality.chain_options(args) == {}
+    pipe = StableDiffusionPipeline.from_pretrained(bench_folders["model"])
+    assert quality.chain_layout(pipe, 128, args) == ((16, 16, 1.0), (64, 64, 0.3), (128, 128, 0.2))
 
 
 def test_quality_bench_sign_test(monkeypatch):
@@ -552,7 +640,7 @@ def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, cap
             parts = row["breakdown"]
             assert parts["consistent"] and parts["sum_s"] == pytest.approx(parts["wall_s"])
             assert parts["attention_s"] > 0 and row["peak_rss_mib"] > 0
-    assert rows["chain", "linfusion", 512]["stage_sizes"] == [128, 256, 512]
+    assert rows["chain", "linfusion", 512]["stage_sizes"] == [128, 512]  # 4x: one SDEdit stage
     assert rows["chain", "linfusion", 512]["breakdown"]["vae_s"] > 0
     assert result["complete"] and not result["interrupted"]
     assert {target["met"] for target in result["targets"]} == {None}  # no row at a target's size

@@ -24,7 +24,8 @@ from lindiff.pipelines.sdedit import default_strengths
 from lindiff.state import PROJECTIONS
 
 PROMPT = "a red circle above a blue square"
-# Tiny SD: native 16 px (sample_size 8, 2x VAE), sizes in multiples of 8 px. 48x64 px is 3 stages.
+# Tiny SD: native 16 px (sample_size 8, 2x VAE), sizes in multiples of 8 px. The chain to 48x64 px
+# runs 3 stages (stages=3; "auto" would jump there in one SDEdit stage).
 HEIGHT, WIDTH = 48, 64
 STAGE_SIZES = [(16, 16), (24, 32), (48, 64)]
 STEPS = 5
@@ -36,6 +37,7 @@ def chain(hr: HighResPipeline, **kwargs) -> HighResPipelineOutput:
     kwargs = {
         "height": HEIGHT,
         "width": WIDTH,
+        "stages": 3,
         "num_inference_steps": STEPS,
         "strength_schedule": STRENGTHS,
         "guidance_scale": 2.0,
@@ -58,17 +60,27 @@ def control_chain(hr: HighResPipeline, condition: torch.Tensor | None = None, **
 @pytest.mark.parametrize(
     ("height", "width", "native", "stages", "expected"),
     [
-        (2048, 2048, 512, "auto", [(512, 512), (1024, 1024), (2048, 2048)]),
-        (4096, 4096, 1024, "auto", [(1024, 1024), (2048, 2048), (4096, 4096)]),
-        (1536, 1536, 512, "auto", [(512, 512), (888, 888), (1536, 1536)]),
+        # "auto": the first SDEdit stage at most 4x the native side, then 2x per stage
+        (2048, 2048, 512, "auto", [(512, 512), (2048, 2048)]),
+        (4096, 4096, 1024, "auto", [(1024, 1024), (4096, 4096)]),
+        (8192, 8192, 1024, "auto", [(1024, 1024), (4096, 4096), (8192, 8192)]),
+        (1536, 1536, 512, "auto", [(512, 512), (1536, 1536)]),
+        (1024, 1024, 128, "auto", [(128, 128), (512, 512), (1024, 1024)]),
+        (4096, 4096, 128, "auto", [(128, 128), (512, 512), (1024, 1024), (2048, 2048), (4096, 4096)]),
+        (768, 768, 128, "auto", [(128, 128), (384, 384), (768, 768)]),
+        (256, 256, 128, "auto", [(128, 128), (256, 256)]),
         (1024, 2048, 1024, "auto", [(728, 1448), (1024, 2048)]),
         (512, 768, 512, "auto", [(416, 624), (512, 768)]),
         (512, 512, 512, "auto", [(512, 512)]),
         (256, 384, 512, "auto", [(256, 384)]),
+        # an int: that many stages, geometric from stage 1 to the target
+        (2048, 2048, 512, 3, [(512, 512), (1024, 1024), (2048, 2048)]),
+        (1536, 1536, 512, 3, [(512, 512), (888, 888), (1536, 1536)]),
         (2048, 2048, 512, 2, [(512, 512), (2048, 2048)]),
         (2048, 2048, 512, 1, [(2048, 2048)]),
         (1024, 1024, 512, 4, [(512, 512), (648, 648), (816, 816), (1024, 1024)]),
-        (HEIGHT, WIDTH, 16, "auto", STAGE_SIZES),
+        (HEIGHT, WIDTH, 16, 3, STAGE_SIZES),
+        (HEIGHT, WIDTH, 16, "auto", [(16, 16), (HEIGHT, WIDTH)]),
     ],
 )
 def test_plan_stages(height, width, native, stages, expected):
@@ -111,32 +123,50 @@ def test_plan_stages_errors(kwargs, match):
 
 
 def test_stage_strengths():
-    assert stage_strengths((0.4, 0.3, 0.2, 0.1), 3) == [0.4, 0.3]
-    assert stage_strengths((0.4, 0.3, 0.2, 0.1), 1) == []
+    three, one = plan_stages(2048, 2048, 512, 3), plan_stages(512, 512, 512)
+    assert stage_strengths((0.4, 0.3, 0.2, 0.1), three) == [0.4, 0.3]
+    assert stage_strengths((0.4, 0.3, 0.2, 0.1), one) == []
     with pytest.raises(
         ValueError,
         match=r"strength_schedule \(--strengths of lindiff render\) has 4 strengths but the 6-stage chain "
         "needs 5; give more strengths, fewer stages, or none for the default",
     ):
-        stage_strengths((0.4, 0.3, 0.2, 0.1), 6)
+        stage_strengths((0.4, 0.3, 0.2, 0.1), plan_stages(2048, 2048, 512, 6))
     for bad in ((0.4, 0.0), (1.5,), "0.4", 0.4):
         with pytest.raises(ValueError, match="strength_schedule"):
-            stage_strengths(bad, 2)
+            stage_strengths(bad, plan_stages(1024, 1024, 512))
 
 
 @pytest.mark.parametrize(
     ("size", "native", "num_stages"),
-    [(512, 512, 1), (4096, 512, 4), (8192, 512, 5), (16384, 512, 6), (4096, 128, 6), (8192, 128, 7)],
+    [(512, 512, 1), (4096, 512, 3), (8192, 512, 4), (16384, 512, 5), (4096, 128, 5), (8192, 128, 6)],
     ids=["sd-native", "sd-4k", "sd-8k", "sd-16k", "shapes-4k", "shapes-8k"],
 )
 def test_the_default_schedule_fits_every_chain(size, native, num_stages):
     """Up to 16384 px for SD-class models (native 512) and 8192 px for the embedded one (native
-    128): LinFusion's four strengths, then 0.1 for each further doubling."""
+    128): the "auto" chain's stages at 4x, 8x, 16x, ... the native side get LinFusion's strengths
+    for those scales, 0.3, 0.2, then 0.1 for each further doubling."""
     sizes = plan_stages(size, size, native, multiple=8)
     assert len(sizes) == num_stages and sizes[-1] == (size, size)
-    strengths = stage_strengths(None, num_stages)
-    assert strengths == [0.4, 0.3, 0.2, 0.1, 0.1, 0.1][: num_stages - 1]
-    assert stage_strengths(None, num_stages) == default_strengths(num_stages)
+    strengths = stage_strengths(None, sizes)
+    assert strengths == [0.3, 0.2, 0.1, 0.1, 0.1][: num_stages - 1]
+    assert strengths == default_strengths(sizes)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        # a chain of 2x stages (an int `stages`) runs LinFusion's own schedule
+        (plan_stages(4096, 4096, 128, 6), [0.4, 0.3, 0.2, 0.1, 0.1]),
+        (plan_stages(256, 256, 128), [0.4]),  # 2x: one stage
+        (plan_stages(768, 768, 128), [0.3, 0.2]),  # 3x, 6x
+        (plan_stages(1024, 1024, 128, 3), [0.3, 0.2]),  # 2.83x, 8x
+        (plan_stages(1024, 2048, 1024), [0.4]),  # 1.41x: up to 2x
+        (plan_stages(1000, 1000, 250, 2, multiple=8), [0.3]),  # 4.03x after rounding: still "4x"
+    ],
+)
+def test_default_strengths_fall_with_the_stage_scale(sizes, expected):
+    assert default_strengths(sizes) == expected
 
 
 # --- the chain on tiny SD ------------------------------------------------------------------------
@@ -154,6 +184,26 @@ def test_three_stage_chain_gives_the_requested_non_square_size(sd):
     assert [[image.size for image in stage] for stage in out.stages] == [[(w, h)] for h, w in STAGE_SIZES]
     assert out.stages[-1] is out.images
     assert chain(sd, output_type="np").images.shape == (1, HEIGHT, WIDTH, 3)
+
+
+def test_a_shorter_default_chain_is_the_first_stages_of_a_longer_one(sd):
+    """The default chain to 4x the native side (16 -> 64 px) renders exactly the first two stages of
+    the one to 8x (16 -> 64 -> 128 px): same plan, strengths and noise draws (bench/quality.py reads
+    the 4x and 8x chains from the 32x chain's stages)."""
+
+    def run(size: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        kwargs = {"num_inference_steps": STEPS, "generator": generator, "output_type": "pt"}
+        return sd(PROMPT, height=size, width=size, return_stages=True, **kwargs).stages
+
+    short, long = run(64), run(128)
+    assert [stage.shape[-1] for stage in short] == [16, 64] and [stage.shape[-1] for stage in long] == [
+        16,
+        64,
+        128,
+    ]
+    for ours, theirs in zip(short, long, strict=False):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_helper_pipelines_share_the_components(sd):
@@ -267,16 +317,57 @@ def test_sequential_cfg_halves_and_chunked_feed_forward_keep_the_output(sd):
     handle = sd.pipe.unet.conv_in.register_forward_pre_hook(
         lambda module, args: batches.append(args[0].shape[0])
     )
-    try:
-        reference = chain(sd).images
+    try:  # guidance in the SDEdit stages too (sdedit_guidance_scale=None): halves to split there
+        reference = chain(sd, sdedit_guidance_scale=None).images
         assert set(batches) == {2}
         batches.clear()
         threshold = 16 * 16  # stages 2 and 3 only
-        halves = chain(sd, sequential_cfg_above=threshold, feed_forward_chunk_size=5).images
+        halves = chain(
+            sd, sdedit_guidance_scale=None, sequential_cfg_above=threshold, feed_forward_chunk_size=5
+        ).images
     finally:
         handle.remove()
     assert batches == [2] * STEPS + [1] * 8  # 2 halves x 2 steps x 2 stages
     torch.testing.assert_close(halves, reference, rtol=0, atol=1e-5)
+
+
+def stage_guidance(sd: HighResPipeline, **kwargs) -> tuple[list, list[int]]:
+    """The guidance_scale each stage's pipeline got, and the UNet's batch at every step, in a chain."""
+    scales, batches = [], []
+    stage_call = HighResPipeline._stage_call
+
+    def spy(self, request, stage, pipe):
+        call = stage_call(self, request, stage, pipe)
+        scales.append(call.get("guidance_scale"))
+        return call
+
+    handle = sd.pipe.unet.conv_in.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].shape[0])
+    )
+    try:
+        with mock.patch.object(HighResPipeline, "_stage_call", spy):
+            chain(sd, **kwargs)
+    finally:
+        handle.remove()
+    return scales, batches
+
+
+def test_sdedit_stages_run_without_classifier_free_guidance_by_default(sd):
+    """Stage 1 at the call's guidance (CFG: batch 2); the SDEdit stages at 1.0, one pass a step."""
+    assert sd.classifier_free_guidance
+    sdedit_steps = 2 * 2  # 2 stages of 2 steps
+    assert stage_guidance(sd) == ([2.0, 1.0, 1.0], [2] * STEPS + [1] * sdedit_steps)
+    assert stage_guidance(sd, sdedit_guidance_scale=None) == ([2.0, 2.0, 2.0], [2] * (STEPS + sdedit_steps))
+    assert stage_guidance(sd, sdedit_guidance_scale=3.5) == ([2.0, 3.5, 3.5], [2] * (STEPS + sdedit_steps))
+    # A denoiser that embeds the guidance scale (FLUX's guidance embedding) keeps it in every stage.
+    with mock.patch.object(type(sd.adapter), "guidance_conditions", return_value={"guidance": 1}):
+        assert not sd.classifier_free_guidance
+        assert stage_guidance(sd)[0] == [2.0, 2.0, 2.0]
+    default = chain(sd).images
+    assert (chain(sd, sdedit_guidance_scale=None).images - default).abs().max() > 1e-4
+    for bad in ("on", True, [1.0]):
+        with pytest.raises(ValueError, match="sdedit_guidance_scale must be 'auto', None or a number, got"):
+            chain(sd, sdedit_guidance_scale=bad)
 
 
 def test_skip_residual_changes_the_sdedit_stages(sd):
@@ -451,6 +542,7 @@ def test_dit_chain(family):
         height=height,
         width=width,
         native_size=native,
+        stages=3,
         num_inference_steps=STEPS,
         strength_schedule=STRENGTHS,
         guidance_scale=2.0,

@@ -51,7 +51,7 @@ def test_two_stages_on_video(make, frames: int) -> None:
     assert first.shape == (1, frames, 3, NATIVE, NATIVE)
     assert last.shape == output.images.shape == (1, frames, 3, SIZE, SIZE)
     assert torch.isfinite(output.images).all() and 0 <= output.images.min() <= output.images.max() <= 1
-    assert [(p.stage, p.height) for p in seen] == [(1, NATIVE)] * 4 + [(2, SIZE)]  # strength 0.4: 1 step
+    assert [(p.stage, p.height) for p in seen] == [(1, NATIVE)] * 4 + [(2, SIZE)]  # 2x: strength 0.4, 1 step
 
 
 def test_the_render_path_returns_the_frames() -> None:

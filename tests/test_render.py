@@ -429,7 +429,8 @@ def test_sizes_above_the_native_size_render_in_stages(model, tmp_path, capsys, m
     params = read_params(path)
     assert (params["highres"], params["stages"], params["width"], params["height"]) == (True, "auto", 32, 64)
     stages = sorted({(p.stage, p.num_stages, p.width, p.height) for p in seen})
-    assert stages[0][:2] == (1, 3) and stages[-1] == (3, 3, 32, 64)
+    # 2.8x the native 16 px side: one SDEdit stage ("auto" jumps up to 4x in the first)
+    assert stages[0][:2] == (1, 2) and stages[-1] == (2, 2, 32, 64)
     assert seen[-1].step == seen[-1].num_steps
 
 
