@@ -4,9 +4,11 @@ Two sections, each with its softmax baseline measured in the same run:
 
 - ``chain``: the embedded model (``lindiff.assets``: tiny-shapes, native 128 px) rendered as
   ``lindiff render`` renders it (``Renderer``: above the native size through ``HighResPipeline``,
-  SDEdit stages with the default plan and strengths, the VAE tiled only when an untiled pass
-  would take over half the free memory and its attention local above a 1024 px image: recorded
-  per row as ``vae_tiled`` and ``vae_local_attention``), 25 steps, guidance 7.5, at 512 ... 8192 px: with its
+  SDEdit stages with the default plan and strengths; in each stage the VAE tiled only when an
+  untiled pass would take over half the free memory, its attention local and, on a CPU with
+  bfloat16 arithmetic, its encoder and decoder in bfloat16 above a 1024 px image: recorded per row
+  for the last stage as ``vae_tiled``, ``vae_local_attention`` and ``vae_bf16``), 25 steps,
+  guidance 7.5, at 512 ... 8192 px: with its
   shipped LinFusion student (``tiny-shapes-linfusion``) and with its own softmax attention.
 - ``dit``: one denoising step of a PixArt-Sigma-architecture transformer with random weights
   (``dit_step.py``'s builder, 4 of its 28 blocks, batch 1) at 512, 1024 and 2048 px: softmax
@@ -33,7 +35,7 @@ unless the previous size's profiler cost is under 1% of the time projected for t
 timed run itself is profiled (``"same_run": true``). ``--no-profile`` measures without it. CPU
 only: on CUDA the host-side times of the ranges would not be the kernels', so no breakdown there.
 
-    python bench/scaling.py                     # the full measurement: about an hour on 2 CPU cores
+    python bench/scaling.py                     # the full measurement: about 20 minutes on 2 CPU cores
     python bench/scaling.py --quick             # 256 and 512 px, 10 steps: a minute or two
     python bench/scaling.py --markdown          # the README table from the JSON, nothing run
 
@@ -79,6 +81,7 @@ from lindiff.pipelines.memory import vae_needs_tiling
 from lindiff.pipelines.peak_memory import PeakMemory
 from lindiff.pipelines.sdedit import default_strengths
 from lindiff.pipelines.vae_attention import VAE_ATTENTION_TOKENS, vae_attention_tokens
+from lindiff.pipelines.vae_precision import wants_bf16_vae
 
 PROMPT = "a red circle above a blue square"
 SEED = 0
@@ -375,12 +378,13 @@ class Chain:
         tiled = chained and vae_needs_tiling(self.pipe.vae, 1, size, size, self.device)
         tokens = vae_attention_tokens(self.pipe.vae, size, size)
         local_vae = chained and tokens is not None and tokens > VAE_ATTENTION_TOKENS
+        bf16_vae = chained and wants_bf16_vae(self.pipe.vae, size, size, self.device)
         breakdown = Breakdown(self.pipe.unet, self.pipe.vae) if profile_timed else None
         memory = PeakMemory(self.device)
         memory.start()
         timed = self._render(item, bar, breakdown)
         row = measured_row("chain", CHAIN_MODEL, method, size, timed.pop("wall_s"), memory)
-        row.update(timed, vae_tiled=tiled, vae_local_attention=local_vae, breakdown=None)
+        row.update(timed, vae_tiled=tiled, vae_local_attention=local_vae, vae_bf16=bf16_vae, breakdown=None)
         if breakdown is None and self.args.profile:
             breakdown = Breakdown(self.pipe.unet, self.pipe.vae)
             row["breakdown"] = breakdown.parts(self._render(item, bar, breakdown)["wall_s"], same_run=False)
@@ -908,6 +912,7 @@ def settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "stages": [height for height, _ in plan_stages(8192, 8192, 128)],
             "strengths": default_strengths(plan_stages(8192, 8192, 128)),
             "sdedit_guidance_scale": "auto",
+            "vae": "per stage: tiled by free memory; local attention and bfloat16 (CPU) above 1024 px",
         },
         "dit": {"pixart_blocks": args.pixart_blocks, "repeats": args.dit_repeats, "batch": 1},
     }

@@ -4,8 +4,10 @@ The VAE's middle block runs softmax attention over every latent pixel; ``HighRes
 it local above ``VAE_ATTENTION_TOKENS`` latent pixels (``lindiff.pipelines.vae_attention``). This
 script renders one scene of the shapes world at ``--size`` px, encodes and decodes it with the
 shipped tiny-shapes VAE (untiled, full attention: the reference), then with local attention of
-several radii and with tiles of several sizes (full attention in each tile), and reports each
-variant's time and how far its latents and decoded image move from the reference:
+several radii, with tiles of several sizes (full attention in each tile) and with the shipped
+radius in bfloat16 (``lindiff.pipelines.vae_precision``: fast on a CPU with bfloat16 arithmetic,
+emulated and slow on others), and reports each variant's time and how far its latents and decoded
+image move from the reference:
 
     python bench/vae_attention.py                 # 2048 px, radii 8 16 32, tiles 512 1024
     python bench/vae_attention.py --size 512 --radii 16 --tiles 256   # a quick look
@@ -30,6 +32,7 @@ from lindiff.cli import environment
 from lindiff.data import ShapesConfig, make_example, render, to_tensor
 from lindiff.pipelines.memory import vae_tiling
 from lindiff.pipelines.vae_attention import LocalVAEAttnProcessor, vae_attention_radius
+from lindiff.pipelines.vae_precision import bf16_vae, cpu_computes_bf16
 
 
 @contextlib.contextmanager
@@ -49,6 +52,15 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def stacked(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
+    """All of ``contexts`` at once."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2048, help="image side (px)")
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     vae = AutoencoderKL.from_pretrained(lindiff.assets.path("tiny-shapes"), subfolder="vae").eval()
     image = to_tensor(render(make_example(args.seed, 128, ShapesConfig()).scene, args.size))[None]
+    shipped = vae_attention_radius(vae)
     variants: dict[str, tuple[contextlib.AbstractContextManager, dict]] = {
         "full": (contextlib.nullcontext(), {}),
         **{
@@ -67,6 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
             for r in args.radii
         },
         **{f"tiles {t} px": (vae_tiling(vae, True, t), {"tile": t}) for t in args.tiles},
+        f"local r={shipped}, bfloat16": (
+            stacked(processors(vae, LocalVAEAttnProcessor(shipped, full_below=0)), bf16_vae(vae, True)),
+            {"radius": shipped, "bf16": True},
+        ),
     }
     rows, reference = {}, None
     with torch.no_grad():
@@ -91,7 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         "description": __doc__.split("\n\n")[0],
         "environment": environment(),
         "device": device_label(torch.device("cpu")),
-        "config": {"size": args.size, "seed": args.seed, "shipped_radius": vae_attention_radius(vae)},
+        "config": {
+            "size": args.size,
+            "seed": args.seed,
+            "shipped_radius": shipped,
+            "cpu_computes_bf16": cpu_computes_bf16(),
+        },
         "variants": rows,
     }
     path = save_results(

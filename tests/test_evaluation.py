@@ -618,6 +618,24 @@ def test_quality_bench_chain_targets(monkeypatch):
 
 
 @pytest.mark.slow
+def test_vae_attention_bench_measures_every_variant(tmp_path, monkeypatch):
+    """bench/vae_attention.py on a small image: the reference, local radii, tiles and bfloat16, each
+    with its times and its shift from the reference."""
+    bench = _load_bench_script("vae_attention", monkeypatch)
+    out = tmp_path / "vae.json"
+    result = bench.main(["--size", "256", "--radii", "4", "--tiles", "128", "--out", str(out)])
+    assert json.loads(out.read_text())["variants"] == result["variants"]
+    variants = result["variants"]
+    assert list(variants) == ["full", "local r=4", "tiles 128 px", "local r=16, bfloat16"]
+    for name, row in variants.items():
+        assert row["encode_s"] >= 0 and row["decode_s"] >= 0
+        if name != "full":
+            assert 0 < row["decoded_shift_mean"] <= row["decoded_shift_max"] < 2
+    assert variants["local r=16, bfloat16"]["bf16"] and isinstance(
+        result["config"]["cpu_computes_bf16"], bool
+    )
+
+
 def test_scaling_bench_quick_caps_softmax_and_resumes(tmp_path, monkeypatch, capsys):
     """bench/scaling.py --quick, cut down: every row has a breakdown that adds up to its run, a tiny
     softmax cap leaves the larger size "not run", and a rerun takes every row from the .jsonl."""

@@ -571,8 +571,8 @@ def test_pixart_rejects_skip_residual():
 
 
 def test_auto_local_vae_attention_above_the_token_threshold(sd, monkeypatch):
-    """Above VAE_ATTENTION_TOKENS latent pixels at the final size the chain's VAE attention turns
-    local for the call (exact below the threshold), and its processors come back afterwards."""
+    """Above VAE_ATTENTION_TOKENS latent pixels the chain's VAE attention turns local, in the stages
+    of that size only (exact below the threshold), and its processors come back afterwards."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from lindiff.pipelines import vae_attention
@@ -594,7 +594,7 @@ def test_auto_local_vae_attention_above_the_token_threshold(sd, monkeypatch):
     monkeypatch.setattr(vae_attention.LocalVAEAttnProcessor, "__call__", spy)
     monkeypatch.setattr(vae_attention, "VAE_ATTENTION_TOKENS", tokens - 1)
     local = chain(sd).images
-    assert seen and max(seen) == tokens
+    assert seen and set(seen) == {tokens}  # the last stage's encode and decode, not the earlier ones
     assert (local - reference).abs().max() > 0  # the last stage's VAE passes saw a window
     assert all(isinstance(p, AttnProcessor2_0) for p in vae.attn_processors.values())
     seen.clear()
@@ -602,6 +602,70 @@ def test_auto_local_vae_attention_above_the_token_threshold(sd, monkeypatch):
     assert not seen
     with pytest.raises(ValueError, match="local_vae_attention must be True, False or 'auto', got 'on'"):
         chain(sd, local_vae_attention="on")
+
+
+def test_bf16_vae_runs_the_encoder_and_decoder_in_bfloat16_and_restores_them(sd):
+    """Autocast to bfloat16 with channels-last weights inside the block: float32 out, close to the
+    float32 VAE; afterwards the class's forward and contiguous weights again."""
+    from lindiff.pipelines.vae_precision import bf16_vae
+
+    vae = sd.pipe.vae
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        reference = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        dtypes = []
+        handle = vae.decoder.conv_in.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+        with bf16_vae(vae, True):
+            assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            fast = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        handle.remove()
+        with bf16_vae(vae, False):
+            again = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    assert dtypes == [torch.bfloat16] and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0.1)
+    assert (fast - reference).abs().max() > 0
+    assert "forward" not in vae.encoder.__dict__ and "forward" not in vae.decoder.__dict__
+    assert vae.decoder.conv_in.weight.is_contiguous()
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    with (
+        pytest.raises(ValueError, match="bf16_vae=True needs a VAE with encoder and decoder modules"),
+        bf16_vae(torch.nn.Linear(2, 2), True),
+    ):
+        pass
+
+
+def test_auto_bf16_vae_is_per_stage_and_only_on_a_cpu_with_bfloat16(sd, monkeypatch):
+    """``bf16_vae="auto"``: the stages above BF16_VAE_TOKENS latent pixels of a float32 VAE on a CPU
+    with bfloat16 arithmetic; ``True``/``False`` force it in every stage or none."""
+    from lindiff.pipelines import vae_precision
+
+    vae = sd.pipe.vae
+    tokens = vae_precision.vae_attention_tokens(vae, HEIGHT, WIDTH)
+    monkeypatch.setattr(vae_precision, "BF16_VAE_TOKENS", tokens - 1)
+    entered = []
+    context = vae_precision.bf16_vae
+
+    def spy(module, enabled):
+        entered.append(enabled)
+        return context(module, enabled)
+
+    monkeypatch.setattr(vae_precision, "bf16_vae", spy)
+    for computes, expected in ((True, [False, False, True]), (False, [False, False, False])):
+        monkeypatch.setattr(vae_precision, "cpu_computes_bf16", lambda computes=computes: computes)
+        entered.clear()
+        chain(sd)
+        assert entered == expected
+    for forced in (True, False):
+        entered.clear()
+        chain(sd, bf16_vae=forced)
+        assert entered == [forced] * 3
+    device = torch.device("cpu")
+    monkeypatch.setattr(vae_precision, "cpu_computes_bf16", lambda: True)
+    assert vae_precision.wants_bf16_vae(vae, HEIGHT, WIDTH, device)
+    assert not vae_precision.wants_bf16_vae(vae, HEIGHT, WIDTH, torch.device("cuda"))
+    assert not vae_precision.wants_bf16_vae(vae, 16, 16, device)
+    with pytest.raises(ValueError, match="bf16_vae must be True, False or 'auto', got 'on'"):
+        chain(sd, bf16_vae="on")
 
 
 def test_local_vae_attention_is_full_attention_when_the_window_covers_the_grid():
