@@ -28,10 +28,12 @@ re-denoises the whole video through the family's video-to-video pipeline
 ``CogVideoXVideoToVideoPipeline``, ``AnimateDiffVideoToVideoPipeline``) at the stage's strength.
 Families without one are refused.
 
-Memory: the VAE encodes and decodes in tiles (``vae.enable_tiling()``; every supported family's
-VAE has it), the denoiser (and ControlNet) can run the two halves of the classifier-free-guidance
-batch in turn above a pixel count, every ``FeedForward`` can run over chunks of tokens, and
-``enable_model_cpu_offload`` works as in diffusers. The per-call changes
+Memory and time: each stage decides for its own size whether the VAE encodes and decodes in tiles
+(``vae.enable_tiling()``; every supported family's VAE has it), with local attention in its middle
+block (:mod:`lindiff.pipelines.vae_attention`) and in bfloat16 on a CPU that computes it
+(:mod:`lindiff.pipelines.vae_precision`); the denoiser (and ControlNet) can run the two halves of
+the classifier-free-guidance batch in turn above a pixel count, every ``FeedForward`` can run over
+chunks of tokens, and ``enable_model_cpu_offload`` works as in diffusers. The per-call changes
 (:mod:`lindiff.pipelines.memory`) are undone when the call ends.
 """
 
